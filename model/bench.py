@@ -1,0 +1,113 @@
+"""Throughput benchmark: `python -m model.bench` prints ms/iter, tokens/s and MFU per named configuration.
+
+Each configuration is timed two ways, alternating in one process so machine noise hits both alike:
+`train()` itself (evals excluded, as it reports), and a bare forward/backward/AdamW loop over the same
+network on a fixed batch. Their ratio is the training loop's overhead.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Sequence
+
+import torch
+
+from model.config import TrainConfig
+from model.data import load_corpus
+from model.gpt import GPT
+from model.train import _sync, resolve_device, train
+
+CONFIGS = {
+    "baby": TrainConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+    "shakespeare-char": TrainConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2),
+}
+
+# dense bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+              "L4": 121e12, "A10G": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_iter(config: TrainConfig, n_params: int) -> float:
+    """Forward+backward FLOPs of one step (PaLM appendix B): 6 per parameter per token plus attention."""
+    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
+    n_matmul = n_params - T * config.n_embd  # position embeddings are a lookup, not a matmul
+    return (6 * n_matmul + 12 * L * H * Q * T) * T * config.batch_size
+
+
+def bare_loop_tokens_per_s(config: TrainConfig, vocab_size: int, iters: int, warmup: int) -> float:
+    """Forward, backward and AdamW on one fixed batch: the ceiling the training loop is measured against."""
+    device = resolve_device(config.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(config.seed)
+    model = GPT(config.model_config(vocab_size)).to(device)
+    opt = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate, fused=cuda)
+    forward = torch.compile(model) if (config.compile if config.compile is not None else cuda) else model
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    x = torch.randint(vocab_size, (config.batch_size, config.block_size), device=device)
+    y = torch.randint(vocab_size, (config.batch_size, config.block_size), device=device)
+    for i in range(warmup + iters):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        with autocast:
+            _, loss = forward(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(device)
+    return iters * config.batch_size * config.block_size / (time.perf_counter() - start)
+
+
+def bench(name: str, config: TrainConfig, corpus, iters: int, repeats: int) -> None:
+    device = resolve_device(config.device)
+    cfg = config.replace(max_iters=iters + 1, eval_interval=iters + 1, eval_iters=1, warmup_iters=0)
+    loop, bare = [], []
+    for _ in range(repeats):
+        result = train(cfg, corpus)
+        loop.append(result.tokens_per_s)
+        bare.append(bare_loop_tokens_per_s(cfg, corpus.vocab_size, iters, warmup=3))
+    tok_s, bare_tok_s = statistics.median(loop), statistics.median(bare)
+    tokens_per_iter = cfg.batch_size * cfg.block_size
+    peak = peak_flops(device)
+    mfu = f"{flops_per_iter(cfg, result.n_params) * tok_s / tokens_per_iter / peak:6.1%}" if peak else "   n/a"
+    print(f"{name:<17} {result.n_params / 1e6:6.2f}M  {device.type:<5} {1000 * tokens_per_iter / tok_s:9.2f} "
+          f"{tok_s:12,.0f} {mfu}  {bare_tok_s:12,.0f} {tok_s / bare_tok_s:8.3f}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from model.cli import Parser
+
+    parser = Parser(prog="python -m model.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", choices=[*CONFIGS, "all"], default=None,
+                        help="default: all on CUDA, baby elsewhere")
+    parser.add_argument("--data", metavar="PATH", help="corpus (default: Tiny Shakespeare)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--iters", type=int, default=100, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating measurements; medians are printed")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile (default: on for CUDA)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    names = [args.config] if args.config not in (None, "all") else list(CONFIGS)
+    if args.config is None and device.type != "cuda":
+        names = ["baby"]
+    corpus = load_corpus(args.data)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__} on {where}; {args.iters} steps x {args.repeats} repeats, medians")
+    print(f"{'config':<17} {'params':>7}  {'dev':<5} {'ms/iter':>9} {'tokens/s':>12} {'MFU':>6}  "
+          f"{'bare tok/s':>12} {'loop/bare':>8}")
+    for name in names:
+        config = CONFIGS[name].replace(device=args.device, compile=args.compile)
+        bench(name, config, corpus, args.iters, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

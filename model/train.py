@@ -1,0 +1,217 @@
+"""The training loop, `train(config, corpus, callbacks) -> TrainResult`, and `python -m model.train`."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+
+from model.config import ConfigError, TrainConfig
+from model.data import Corpus, get_batch
+from model.gpt import GPT
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Callback(Protocol):
+    """Listens to training; either method may raise to stop it (the exception propagates out of train)."""
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, result: TrainResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    val_loss: float  # at the last step
+    best_val_loss: float
+    train_loss: float
+    runtime_s: float  # the whole loop, evals included
+    tokens_per_s: float  # training steps only: evals and the first (warm-up) step excluded
+    n_params: int
+    iters: int
+    device: str
+    history: list[dict] = field(default_factory=list)  # one entry per eval: step + metrics
+    model: GPT | None = field(default=None, repr=False, compare=False)
+
+    def summary(self) -> dict:
+        keys = ("val_loss", "best_val_loss", "train_loss", "runtime_s", "tokens_per_s", "n_params", "iters", "device")
+        return {k: getattr(self, k) for k in keys}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS is not available")
+    return torch.device(name)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to learning_rate, then cosine decay to min_lr at max_iters."""
+    if step < config.warmup_iters:
+        return config.learning_rate * (step + 1) / (config.warmup_iters + 1)
+    progress = (step - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_lr + coeff * (config.learning_rate - config.min_lr)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    corpus.check_block_size(config.block_size)
+    device = resolve_device(config.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(config.seed)  # weights and dropout
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # the corpus lives on the device and batches are drawn there: no host copies per step
+    data = corpus.to(device)
+    train_gen = torch.Generator(device=device).manual_seed(config.seed)
+    eval_gen = torch.Generator(device=device).manual_seed(config.seed + 1)  # evals never shift training batches
+    model = GPT(config.model_config(corpus.vocab_size)).to(device)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate,
+                                  betas=(config.beta1, config.beta2), fused=cuda)
+    compiled = config.compile if config.compile is not None else cuda
+    forward = torch.compile(model) if compiled else model
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    B, T = config.batch_size, config.block_size
+
+    @torch.no_grad()
+    def estimate_loss() -> dict[str, float]:
+        model.eval()
+        out = {}
+        for split, ids in (("train", data.train), ("val", data.val)):
+            losses = torch.empty(config.eval_iters, device=device)
+            for k in range(config.eval_iters):
+                x, y = get_batch(ids, T, B, eval_gen)
+                with autocast:
+                    losses[k] = forward(x, y)[1]
+            out[f"{split}_loss"] = losses.mean().item()
+        model.train()
+        return out
+
+    # ---- loop ----
+    callbacks = list(callbacks)
+    history: list[dict] = []
+    best_val = math.inf
+    train_time, timed_steps, seg_steps = 0.0, 0, 0
+    loop_start = time.perf_counter()
+    seg_start = first_step_s = None
+    x, y = get_batch(data.train, T, B, train_gen)
+    for step in range(1, config.max_iters + 1):
+        lr = lr_at(step - 1, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast:
+            _, loss = forward(x, y)
+        x, y = get_batch(data.train, T, B, train_gen)  # queued while the device works on this step
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if seg_start is None:  # the first step pays for allocation and compilation: keep it out of throughput
+            _sync(device)
+            seg_start = time.perf_counter()
+            first_step_s = seg_start - loop_start
+        else:
+            seg_steps += 1
+        if step % config.eval_interval and step != config.max_iters:
+            continue
+
+        # ---- eval (the only host synchronisation) ----
+        _sync(device)
+        train_time += time.perf_counter() - seg_start
+        timed_steps += seg_steps
+        last_loss = loss.item()
+        metrics = estimate_loss()
+        if not all(math.isfinite(v) for v in (last_loss, *metrics.values())):
+            raise TrainingDiverged(f"loss became non-finite by step {step} "
+                                   f"(batch loss {last_loss}, val loss {metrics['val_loss']})")
+        best_val = min(best_val, metrics["val_loss"])
+        tokens_per_s = timed_steps * B * T / train_time if timed_steps else B * T / first_step_s
+        metrics.update(lr=lr, tokens_per_s=tokens_per_s, elapsed_s=time.perf_counter() - loop_start)
+        history.append({"step": step, **metrics})
+        for cb in callbacks:
+            if hasattr(cb, "on_eval"):
+                cb.on_eval(step, metrics)
+        seg_start, seg_steps = time.perf_counter(), 0
+
+    last = history[-1]
+    result = TrainResult(config=config, val_loss=last["val_loss"], best_val_loss=best_val,
+                         train_loss=last["train_loss"], runtime_s=time.perf_counter() - loop_start,
+                         tokens_per_s=last["tokens_per_s"], n_params=model.num_params(),
+                         iters=config.max_iters, device=str(device), history=history, model=model)
+    for cb in callbacks:
+        if hasattr(cb, "on_train_end"):
+            cb.on_train_end(result)
+    return result
+
+
+class PrintProgress:
+    """Prints one line per eval."""
+
+    def on_eval(self, step: int, m: dict[str, float]) -> None:
+        print(f"step {step:>6}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}, "
+              f"lr {m['lr']:.2e}, {m['tokens_per_s']:,.0f} tokens/s", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from model.checkpoint import save_checkpoint
+    from model.cli import Parser, add_config_flags, config_overrides, fail
+    from model.data import DataError, load_corpus
+
+    parser = Parser(prog="python -m model.train", description="Train one character-level GPT.")
+    parser.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: Tiny Shakespeare, downloaded)")
+    parser.add_argument("--out", metavar="DIR", help="write the final checkpoint to DIR/ckpt.pt")
+    parser.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
+    add_config_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = TrainConfig(**config_overrides(args))
+        resolve_device(config.device)
+        corpus = load_corpus(args.data)
+        corpus.check_block_size(config.block_size)
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise DataError(f"{args.out}: --out must be a directory, this is a file")
+    except (ConfigError, DataError) as exc:
+        fail(str(exc), parser.prog)
+
+    print(f"corpus {corpus.path}: {len(corpus.train):,} train / {len(corpus.val):,} val characters, "
+          f"vocabulary {corpus.vocab_size}", flush=True)
+    try:
+        result = train(config, corpus, callbacks=[PrintProgress()])
+    except TrainingDiverged as exc:
+        print(f"{parser.prog}: error: training diverged: {exc}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"done: val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f}), {result.n_params:,} parameters, "
+          f"{result.runtime_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s on {result.device}")
+    if args.out:
+        path = save_checkpoint(args.out, result.model, corpus.tokenizer, config, extra=result.summary())
+        print(f"checkpoint: {path}")
+    if args.json:
+        print(json.dumps(result.summary()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The entry points as users run them: flags, JSON output, sampling, and one-line errors with exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model import sample as sample_cli
+from model import train as train_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+        "--eval-interval", "5", "--eval-iters", "2", "--device", "cpu"]
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_train_json_then_sample_the_checkpoint(text_file, tmp_path):
+    out = tmp_path / "ck"
+    proc = run_module("model.train", "--data", str(text_file), *TINY, "--max-iters", "10", "--json", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert any(line.startswith("step      5: train loss") for line in lines)
+    summary = json.loads(lines[-1])
+    assert {"val_loss", "best_val_loss", "train_loss", "runtime_s", "tokens_per_s", "n_params", "iters",
+            "device"} <= summary.keys()
+    assert summary["iters"] == 10 and summary["device"] == "cpu"
+
+    args = ["model.sample", "--checkpoint", str(out), "--prompt", "All:", "--max-new-tokens", "40", "--seed", "5"]
+    first, second = run_module(*args), run_module(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("All:") and len(first.stdout.rstrip("\n")) >= 40
+    assert first.stdout == second.stdout
+
+
+def one_line_error(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    (None, [], "no such file"),
+    ("", [], "is empty"),
+    (b"\xff\xfe\x00", [], "not UTF-8 text"),
+    ("tiny text", [], "too short for block_size 16"),
+    ("ok", ["--n-embd", "30", "--n-head", "4"], "n_embd (30) must be divisible by n_head (4)"),
+    ("ok", ["--batch-size", "0"], "batch_size must be positive"),
+    ("ok", ["--max-iters", "-5"], "max_iters must be positive"),
+    ("ok", ["--dropout", "1.0"], "dropout must be in [0, 1)"),
+    ("ok", ["--dropout", "-0.1"], "dropout must be in [0, 1)"),
+    ("ok", ["--n-layer", "two"], "invalid int value"),
+    ("ok", ["--device", "tpu"], "device must be one of"),
+])
+def test_bad_training_input_exits_2_with_one_line(tmp_path, capsys, content, flags, message):
+    path = tmp_path / "corpus.txt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    err = one_line_error(capsys, train_cli.main, ["--data", str(path), *TINY[:-2], *flags])
+    assert message in err
+    if content is None or "corpus" in message:
+        assert str(path) in err
+
+
+def test_prompt_outside_the_vocabulary_lists_the_characters(corpus, tmp_path, capsys):
+    from conftest import tiny_config
+    from model.checkpoint import save_checkpoint
+
+    result = train_cli.train(tiny_config(max_iters=2), corpus)
+    save_checkpoint(tmp_path, result.model, corpus.tokenizer)
+    err = one_line_error(capsys, sample_cli.main, ["--checkpoint", str(tmp_path), "--prompt", "Zebra~"])
+    assert err.rstrip().endswith("vocabulary: 'Z' 'b' '~'")
+
+
+def test_missing_checkpoint_is_named(tmp_path, capsys):
+    err = one_line_error(capsys, sample_cli.main, ["--checkpoint", str(tmp_path / "nope")])
+    assert "nope" in err and "no checkpoint" in err
+
+
+def test_real_entry_point_prints_no_traceback(tmp_path):
+    proc = run_module("model.train", "--data", str(tmp_path / "absent.txt"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"python -m model.train: error: {tmp_path / 'absent.txt'}: no such file"
