@@ -123,3 +123,9 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+
+def count_params(config: GPTConfig) -> int:
+    """Parameter count of a network of this shape, without allocating its weights."""
+    with torch.device("meta"):
+        return GPT(config).num_params()

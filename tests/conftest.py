@@ -40,3 +40,18 @@ def text_file(tmp_path):
 @pytest.fixture
 def corpus(text_file):
     return load_corpus(text_file)
+
+
+@pytest.fixture
+def corpus_file(text_file) -> str:
+    return str(text_file)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty working directory for the study's default stores (optuna.journal, mlflow.db, mlruns/)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return work

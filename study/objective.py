@@ -1,0 +1,107 @@
+"""The objective: suggest -> config -> train (pruned, tracked) -> sample -> value(s)."""
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from model.checkpoint import save_checkpoint
+from model.config import TrainConfig
+from model.data import Corpus
+from model.gpt import count_params
+from model.sample import sample_text
+from model.train import resolve_device, train
+from study.space import suggest_params
+from study.tracking import StudyTracker, code_version, describe_error, format_traceback
+
+OBJECTIVES = {"loss": ("minimize",), "loss-time": ("minimize", "minimize")}
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Every trial's sample uses the same prompt, length, temperature and seed, so samples compare."""
+
+    prompt: str
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int = 200
+    seed: int = 1
+
+
+class ReportToOptuna:
+    """Training callback: report val loss at each eval and stop the trial when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, max_iters: int):
+        self.trial, self.max_iters = trial, max_iters
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.trial.report(metrics["val_loss"], step)
+        if step < self.max_iters and self.trial.should_prune():  # at the last step there is nothing left to save
+            self.trial.set_user_attr("pruned_at_step", step)
+            raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics['val_loss']:.4f})")
+
+
+class Objective:
+    def __init__(self, space: dict, base: TrainConfig, corpus: Corpus, tracker: StudyTracker,
+                 objective: str, sample: SampleSpec, prune: bool):
+        self.space, self.base, self.corpus, self.tracker = space, base, corpus, tracker
+        self.objective, self.sample, self.prune = objective, sample, prune
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        config = self.base.replace(**suggest_params(trial, self.space))
+        baseline = bool(trial.user_attrs.get("baseline", False))
+        run = self.tracker.start_trial(trial, config, baseline, {
+            "n_params": count_params(config.model_config(self.corpus.vocab_size)),
+            "device": str(resolve_device(config.device)),
+            "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
+            "code_version": code_version(), "trial_number": trial.number})
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        callbacks = [run, ReportToOptuna(trial, config.max_iters)] if self.prune else [run]
+        try:
+            result = train(config, self.corpus, callbacks)
+            value = self._finish(trial, run, result)
+        except optuna.TrialPruned:
+            run.end("PRUNED")
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            run.end("FAIL", "interrupted", status="KILLED")
+            raise
+        except Exception as exc:
+            reason = describe_error(exc)
+            trial.set_user_attr("fail_reason", reason)
+            run.log_text(format_traceback(exc), "error.txt")
+            run.end("FAIL", reason)
+            raise
+        finally:
+            self._release_memory()
+        return value
+
+    def _finish(self, trial: optuna.Trial, run, result) -> float | tuple[float, float]:
+        text = sample_text(result.model, self.corpus.tokenizer, self.sample.prompt, self.sample.max_new_tokens,
+                           self.sample.temperature, self.sample.top_k, self.sample.seed)
+        run.log_text(text, "sample.txt")
+        for key in ("runtime_s", "tokens_per_s", "n_params", "train_loss", "val_loss"):
+            trial.set_user_attr(key, getattr(result, key))
+        if self._is_best_so_far(trial, result.best_val_loss):
+            run.log_checkpoint(lambda d: save_checkpoint(d, result.model, self.corpus.tokenizer, result.config,
+                                                         extra={"trial": trial.number, **result.summary()}))
+        run.end("COMPLETE")
+        if self.objective == "loss-time":
+            return result.best_val_loss, result.runtime_s
+        return result.best_val_loss
+
+    @staticmethod
+    def _is_best_so_far(trial: optuna.Trial, loss: float) -> bool:
+        done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return all(loss < t.values[0] for t in done if t.values and math.isfinite(t.values[0]))
+
+    @staticmethod
+    def _release_memory() -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

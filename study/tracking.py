@@ -1,0 +1,157 @@
+"""MLflow tracking: one experiment and one parent run per study, one nested child run per trial."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+from model.data import PROJECT_ROOT
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+CURVE_METRICS = ("train_loss", "val_loss", "lr", "tokens_per_s")
+
+
+def resolve_tracking_uri(arg: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow's default: mlflow.db in the working directory."""
+    return arg or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for logs, params and reports."""
+    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
+
+
+@functools.cache
+def code_version() -> str:
+    """The project's git commit (with -dirty for local changes), or 'unknown' outside a checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class TrialRun:
+    """A trial's child run; as a training callback it logs the loss curves as they come."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.history: list[dict] = []
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.append({"step": step, **metrics})
+        ts = _now_ms()
+        self.client.log_batch(self.run_id, metrics=[Metric(k, metrics[k], ts, step) for k in CURVE_METRICS])
+
+    def on_train_end(self, result) -> None:
+        ts = _now_ms()
+        final = {"best_val_loss": result.best_val_loss, "final_val_loss": result.val_loss,
+                 "final_train_loss": result.train_loss, "runtime_s": result.runtime_s,
+                 "final_tokens_per_s": result.tokens_per_s}
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, result.iters) for k, v in final.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_checkpoint(self, save) -> None:
+        """save(dir) writes a checkpoint into dir; it lands under the run's checkpoint/ artifacts."""
+        with tempfile.TemporaryDirectory() as tmp:
+            save(tmp)
+            self.client.log_artifacts(self.run_id, tmp, "checkpoint")
+
+    def end(self, state: str, reason: str | None = None, status: str | None = None) -> None:
+        """Close the run: the curves as CSV, the Optuna state as a tag, FINISHED only for a trial that completed."""
+        if self.history:
+            self.client.log_text(self.run_id, pd.DataFrame(self.history).to_csv(index=False), "loss_curves.csv")
+        tags = [RunTag("optuna_state", state)] + ([RunTag("failure_reason", reason[:5000])] if reason else [])
+        self.client.log_batch(self.run_id, tags=tags)
+        if status is None:
+            status = "FAILED" if state == "FAIL" else "FINISHED"
+        self.client.set_terminated(self.run_id, status)
+
+
+class StudyTracker:
+    """Owns the study's experiment and parent run; opens a child run for each trial."""
+
+    def __init__(self, tracking_uri: str, study_name: str):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.study_name = study_name
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+
+    def open(self, study, settings: dict) -> str:
+        """Create (or find) the experiment and the parent run; a resumed study reopens its parent run."""
+        experiment = self.client.get_experiment_by_name(self.study_name)
+        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.study_name)
+        parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if parent_id and self._run_exists(parent_id):
+            self.client.update_run(parent_id, status="RUNNING")
+        else:
+            parent_id = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                               tags={"study_name": self.study_name, "role": "study"}).info.run_id
+            self.client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in settings.items()])
+            study.set_user_attr(PARENT_RUN_ATTR, parent_id)
+        self.parent_run_id = parent_id
+        return parent_id
+
+    def _run_exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.experiment_id == self.experiment_id
+        except Exception:  # MlflowException for an unknown id; the store may also have been reset
+            return False
+
+    def start_trial(self, trial, config, baseline: bool, params: dict) -> TrialRun:
+        tags = {"mlflow.parentRunId": self.parent_run_id, "trial_number": str(trial.number),
+                "baseline": str(baseline), "optuna_state": "RUNNING", "study_name": self.study_name}
+        run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number:03d}", tags=tags).info.run_id
+        all_params = {**dataclasses.asdict(config), **params}
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in all_params.items()])
+        return TrialRun(self.client, run_id)
+
+    def finish(self, summary: dict, best_run_id: str | None, status: str = "FINISHED") -> None:
+        """End the parent run with the study summary and the best trial's checkpoint."""
+        pid = self.parent_run_id
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
+        self.client.log_batch(pid, metrics=[Metric(k, float(v), _now_ms(), summary["n_trials"])
+                                            for k, v in numbers.items()],
+                              tags=[RunTag(f"best.{k}", str(v)) for k, v in summary.get("best_params", {}).items()])
+        self.client.log_dict(pid, summary, "study_summary.json")
+        if best_run_id:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    local = self.client.download_artifacts(best_run_id, "checkpoint", tmp)
+                    self.client.log_artifacts(pid, local, "best_checkpoint")
+                except Exception:  # the best trial may predate checkpointing; the summary still stands
+                    pass
+        self.client.set_terminated(pid, status)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a trial's failure_reason tag and the console."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def format_traceback(exc: BaseException) -> str:
+    import traceback
+    out = io.StringIO()
+    traceback.print_exception(exc, file=out)
+    return out.getvalue()

@@ -1,0 +1,129 @@
+"""The study runner end to end on the smoke preset: Optuna trials, MLflow runs, pruning, resume, failures."""
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from study import run as study_run
+from study.space import PRESETS, SEARCHED
+from study_helpers import child_runs, load_study, parent_runs, run_study
+
+
+def test_four_trials_leave_four_optuna_trials_and_four_child_runs(workdir, corpus_file):
+    assert run_study("--trials", "4", "--pruner", "none", "--data", corpus_file) == 0
+    study = load_study(workdir)
+    assert len(study.trials) == 4
+    baseline = study.trials[0]
+    assert baseline.user_attrs["baseline"] is True
+    assert baseline.params == PRESETS["smoke"].baseline_params()
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (parent,) = parent_runs(client, "smoke-verse")
+    children = child_runs(client, "smoke-verse")
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    by_number = {int(c.data.tags["trial_number"]): c for c in children}
+    for trial in study.trials:
+        run = by_number[trial.number]
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert set(SEARCHED) <= run.data.params.keys()
+        assert {"n_params", "device", "corpus", "corpus_sha256", "code_version", "seed"} <= run.data.params.keys()
+        assert run.data.params["learning_rate"] == str(trial.params["learning_rate"])
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert [m.step for m in history] == list(range(10, trial.params["max_iters"] + 1, 10))
+        assert run.data.metrics["best_val_loss"] == pytest.approx(trial.value)
+        assert run.data.tags["optuna_state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert run.data.tags["baseline"] == str(trial.number == 0)
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"sample.txt", "loss_curves.csv"} <= files
+        sample = client.download_artifacts(run.info.run_id, "sample.txt", str(workdir / f"s{trial.number}"))
+        assert open(sample).read().startswith("First Ci")  # no "ROMEO:" in this corpus: its opening is the prompt
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(study.best_value)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best_checkpoint", "study_summary.json"}
+
+
+def test_hyperband_prunes_and_records_the_step(workdir, corpus_file):
+    assert run_study("--trials", "8", "--data", corpus_file) == 0
+    study = load_study(workdir)
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, [t.state for t in study.trials]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = {int(c.data.tags["trial_number"]): c for c in child_runs(client, "smoke-verse")}
+    for t in pruned:
+        assert t.user_attrs["pruned_at_step"] == t.last_step < t.params["max_iters"]
+        assert runs[t.number].data.tags["optuna_state"] == "PRUNED"
+        assert client.get_metric_history(runs[t.number].info.run_id, "val_loss")[-1].step == t.last_step
+
+
+def test_resuming_adds_trials_to_the_same_study(workdir, corpus_file):
+    args = ("--trials", "2", "--data", corpus_file, "--pruner", "none")
+    assert run_study(*args) == 0
+    assert run_study(*args) == 0
+    study = load_study(workdir)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert [t.user_attrs.get("baseline", False) for t in study.trials] == [True, False, False, False]
+    assert len(set(tuple(sorted(t.params.items())) for t in study.trials)) == 4  # the sampler did not replay
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert len(parent_runs(client, "smoke-verse")) == 1
+    assert len(child_runs(client, "smoke-verse")) == 4
+
+
+def test_diverging_trials_fail_with_their_reason_and_the_study_completes(workdir, corpus_file, tmp_path):
+    space = tmp_path / "huge_lr.toml"
+    space.write_text("[learning_rate]\nlow = 100.0\nhigh = 1000.0\nlog = true\n")
+    assert run_study("--trials", "3", "--data", corpus_file, "--space", str(space), "--pruner", "none") == 0
+    study = load_study(workdir)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = {int(c.data.tags["trial_number"]): c for c in child_runs(client, "smoke-verse")}
+    for t in study.trials[1:]:
+        assert t.user_attrs["fail_reason"].startswith("TrainingDiverged: loss became non-finite")
+        assert runs[t.number].info.status == "FAILED"
+        assert runs[t.number].data.tags["failure_reason"] == t.user_attrs["fail_reason"]
+        assert "error.txt" in {a.path for a in client.list_artifacts(runs[t.number].info.run_id)}
+
+
+def test_ctrl_c_fails_the_running_trial_in_both_stores_and_the_command_resumes(workdir, corpus_file, monkeypatch,
+                                                                                capsys):
+    import study.objective as objective_module
+
+    real_train, calls = objective_module.train, []
+
+    def interrupted_on_second_trial(config, corpus, callbacks):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(config, corpus, callbacks)
+
+    monkeypatch.setattr(objective_module, "train", interrupted_on_second_trial)
+    args = ("--trials", "3", "--data", corpus_file, "--pruner", "none")
+    assert run_study(*args) == 130
+    assert "Run the same command to resume" in capsys.readouterr().err
+    study = load_study(workdir)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (killed,) = [c for c in child_runs(client, "smoke-verse") if c.data.tags["trial_number"] == "1"]
+    assert killed.info.status == "KILLED" and killed.data.tags["optuna_state"] == "FAIL"
+    assert parent_runs(client, "smoke-verse")[0].info.status == "KILLED"
+
+    monkeypatch.setattr(objective_module, "train", real_train)
+    assert run_study(*args) == 0
+    assert len(load_study(workdir).trials) == 5
+    assert parent_runs(client, "smoke-verse")[0].info.status == "FINISHED"
+
+
+def test_loss_time_study_has_two_objectives_and_a_pareto_front(workdir, corpus_file, capsys):
+    assert run_study("--trials", "3", "--data", corpus_file, "--objective", "loss-time") == 0
+    study = load_study(workdir, "smoke-verse-loss-time")
+    assert len(study.directions) == 2
+    assert all(len(t.values) == 2 and t.values[1] > 0 for t in study.trials)
+    assert "Pareto front (val loss vs runtime): trials" in capsys.readouterr().out
+
+
+def test_help_names_every_preset():
+    with pytest.raises(SystemExit) as exit_info:
+        study_run.parse_args(["--help"])
+    assert exit_info.value.code == 0

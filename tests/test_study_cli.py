@@ -1,0 +1,109 @@
+"""The study runner as a user starts it: bad arguments, the script from another directory, an MLflow server."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from study_helpers import run_study
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["--trials", "0"], "--trials must be at least 1, got 0"),
+    (["--data", "{tmp}/absent.txt"], "absent.txt: no such file"),
+    (["--data", "{tmp}/binary.txt"], "binary.txt: not UTF-8 text"),
+    (["--space", "{tmp}/broken.toml"], "broken.toml: not valid TOML"),
+    (["--space", "{tmp}/unknown.yaml"], "unknown.yaml: unknown parameter(s) n_layers"),
+    (["--space", "{tmp}/indivisible.yaml"], "n_embd 16 is not divisible by n_head 3"),
+    (["--n-layer", "0"], "n_layer must be positive"),
+    (["--storage", "postgresql://study:s3cret@127.0.0.1:{port}/optuna"], "cannot connect"),
+    (["--storage", "sqlite:///{tmp}/missing/dir/optuna.db"], "does not exist"),
+    (["--tracking-uri", "http://127.0.0.1:{port}"], "MLflow server unreachable"),
+])
+def test_bad_arguments_exit_2_with_one_line_and_create_nothing(workdir, tmp_path, capsys, corpus_file, args,
+                                                               message):
+    (tmp_path / "binary.txt").write_bytes(b"\x80\x81 not text")
+    (tmp_path / "broken.toml").write_text("[learning_rate\nlow = 1")
+    (tmp_path / "unknown.yaml").write_text("n_layers:\n  choices: [2, 4]\n")
+    (tmp_path / "indivisible.yaml").write_text("n_head:\n  choices: [2, 3]\nn_embd:\n  choices: [16, 20]\n")
+    args = [a.format(tmp=tmp_path, port=free_port()) for a in args]
+    if "--data" not in args:
+        args += ["--data", corpus_file]
+    assert run_study(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert "s3cret" not in err
+    assert list(workdir.iterdir()) == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback, its stores in a directory of its own."""
+    port = free_port()
+    home = tmp_path / "server"
+    home.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--workers", "1"],
+                            cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow server did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def rest(url: str, endpoint: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def test_script_from_another_directory_logs_to_an_mlflow_server(tmp_path, mlflow_server, corpus_file):
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, str(ROOT / "study" / "run.py"), "--preset", "smoke", "--trials", "2",
+                           "--data", corpus_file, "--tracking-uri", mlflow_server],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "trial   0 COMPLETE" in proc.stdout and "Write the report:" in proc.stdout
+    assert sorted(p.name for p in work.iterdir()) == ["optuna.journal"]  # tracking went to the server
+
+    experiment = rest(mlflow_server, "experiments/get-by-name?experiment_name=smoke-verse")["experiment"]
+    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    (parent_id,) = [r["info"]["run_id"] for r, t in zip(runs, tags) if t.get("role") == "study"]
+    children = [t for t in tags if t.get("mlflow.parentRunId") == parent_id]
+    assert sorted(t["trial_number"] for t in children) == ["0", "1"]
+    artifacts = rest(mlflow_server, f"artifacts/list?run_id={runs[0]['info']['run_id']}")
+    assert artifacts.get("files")
