@@ -1,6 +1,7 @@
 """The objective: suggest -> config -> train (pruned, tracked) -> sample -> value(s)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class Objective:
             "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
             "code_version": code_version(), "trial_number": trial.number})
         trial.set_user_attr("mlflow_run_id", run.run_id)
+        trial.set_user_attr("config", dataclasses.asdict(config))  # the full config, to re-run it exactly
         callbacks = [run, ReportToOptuna(trial, config.max_iters)] if self.prune else [run]
         try:
             result = train(config, self.corpus, callbacks)

@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracker = StudyTracker(p.tracking_uri, p.study_name)
     tracker.open(study, {"preset": p.preset.name, "objective": args.objective, "sampler": args.sampler,
                          "pruner": args.pruner if prune else "none", "seed": args.seed,
-                         "corpus": p.corpus.name, "corpus_sha256": p.corpus.sha256,
+                         "corpus": p.corpus.name, "corpus_path": str(p.corpus.path), "corpus_sha256": p.corpus.sha256,
                          "storage": redact(args.storage or "optuna.journal"),
                          **{f"base.{k}": v for k, v in asdict(p.base).items()}})
     objective = Objective(p.space, p.base, p.corpus, tracker, args.objective, p.sample, prune)

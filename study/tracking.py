@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 import re
 import subprocess
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 
 from model.data import PROJECT_ROOT
 
@@ -76,12 +76,14 @@ class TrialRun:
             save(tmp)
             self.client.log_artifacts(self.run_id, tmp, "checkpoint")
 
-    def end(self, state: str, reason: str | None = None, status: str | None = None) -> None:
+    def end(self, state: str | None = None, reason: str | None = None, status: str | None = None) -> None:
         """Close the run: the curves as CSV, the Optuna state as a tag, FINISHED only for a trial that completed."""
         if self.history:
             self.client.log_text(self.run_id, pd.DataFrame(self.history).to_csv(index=False), "loss_curves.csv")
-        tags = [RunTag("optuna_state", state)] + ([RunTag("failure_reason", reason[:5000])] if reason else [])
-        self.client.log_batch(self.run_id, tags=tags)
+        tags = ([RunTag("optuna_state", state)] if state else []) + \
+            ([RunTag("failure_reason", reason[:5000])] if reason else [])
+        if tags:
+            self.client.log_batch(self.run_id, tags=tags)
         if status is None:
             status = "FAILED" if state == "FAIL" else "FINISHED"
         self.client.set_terminated(self.run_id, status)
@@ -151,7 +153,4 @@ def describe_error(exc: BaseException) -> str:
 
 
 def format_traceback(exc: BaseException) -> str:
-    import traceback
-    out = io.StringIO()
-    traceback.print_exception(exc, file=out)
-    return out.getvalue()
+    return "".join(traceback.format_exception(exc))

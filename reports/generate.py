@@ -1,0 +1,183 @@
+"""`python reports/generate.py --study-name NAME`: baseline-vs-tuned tables, plots and samples for a study."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Runnable as a script from any directory: the project root, not reports/, goes on the import path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from model.cli import Parser, fail  # noqa: E402
+from model.config import ConfigError  # noqa: E402
+from model.data import DataError, load_corpus  # noqa: E402
+from reports import analysis, plots  # noqa: E402
+from reports.collect import ReportError, StudyData, load, loss_curves, run_params, run_text  # noqa: E402
+from reports.confirm import confirm, trial_config  # noqa: E402
+from reports.render import Report  # noqa: E402
+from study.storage import StorageError  # noqa: E402
+from study.tracking import resolve_tracking_uri  # noqa: E402
+
+PROG = "python reports/generate.py"
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = Parser(prog=PROG, description=__doc__.split(":", 1)[1].strip())
+    parser.add_argument("--study-name", required=True)
+    parser.add_argument("--storage", metavar="URL", help="the study's storage (default: ./optuna.journal)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: reports/<study-name>)")
+    parser.add_argument("--confirm-seeds", type=int, default=0, metavar="K",
+                        help="re-train baseline and tuned configurations with K fresh seeds (default: 0, off)")
+    parser.add_argument("--data", metavar="PATH", help="the study's corpus, if not at the path the study recorded")
+    args = parser.parse_args(argv)
+    if args.confirm_seeds < 0:
+        parser.error(f"--confirm-seeds must be >= 0, got {args.confirm_seeds}")
+    return args
+
+
+def study_corpus(data: StudyData, path: str | None):
+    """The corpus the study trained on (verified by SHA-256), or None when it is not at hand."""
+    params = run_params(data.client, data.parent_run_id) if data.parent_run_id else {}
+    path = path or params.get("corpus_path")
+    if not path:
+        return None
+    corpus = load_corpus(path)
+    expected = params.get("corpus_sha256")
+    if expected and corpus.sha256 != expected:
+        raise DataError(f"{path}: SHA-256 {corpus.sha256[:12]}... differs from the study's corpus {expected[:12]}...")
+    return corpus
+
+
+def add_samples(report: Report, data: StudyData, trials: dict, corpus, tmp: Path) -> None:
+    words = analysis.corpus_words(corpus.tokenizer.decode(corpus.train.tolist())) if corpus else None
+    items = []
+    for label, t in trials.items():
+        text = run_text(data.client, t.user_attrs.get("mlflow_run_id", ""), "sample.txt", tmp / "dl" / label)
+        if text is None:
+            continue
+        share = analysis.word_share(text, words) if words else None
+        quality = f"{share:.0%} of generated words occur in the training corpus" if share is not None else \
+            "corpus not at hand: no word-share figure"
+        items.append((f"{label} (trial {t.number}): {quality}", text))
+    report.heading("Samples")
+    if items:
+        report.paragraph("Same prompt, seed, length and temperature for every trial.")
+        report.samples(items)
+    else:
+        report.paragraph("No stored samples for these trials.")
+
+
+def add_plots(report: Report, data: StudyData, trials: dict, out: Path, importance) -> None:
+    report.heading("Plots")
+    df = data.trials
+    attempts = [("optimization_history.png", "Optimization history", lambda p: plots.plot_history(df, p))]
+    curves = {label: loss_curves(data.client, t.user_attrs["mlflow_run_id"])
+              for label, t in trials.items() if t.user_attrs.get("mlflow_run_id")}
+    if curves:
+        attempts.append(("loss_curves.png", "Loss curves", lambda p: plots.plot_loss_curves(curves, p)))
+    if importance is not None:
+        attempts.append(("importance.png", "Hyperparameter importance", lambda p: plots.plot_importance(importance, p)))
+    attempts += [("param_slices.png", "Val loss against each hyperparameter", lambda p: plots.plot_param_slices(df, p)),
+                 ("loss_vs_runtime.png", "Val loss against runtime", lambda p: plots.plot_loss_vs_runtime(df, p))]
+    if len(data.completed()) >= 2:
+        attempts.append(("parallel_coordinates.png", "Parallel coordinates",
+                         lambda p: plots.plot_parallel(data.study, p)))
+    for name, title, draw in attempts:
+        report.image(draw(out / name), title)
+    if importance is None or len(data.completed()) < 2:
+        report.paragraph("Importance and parallel coordinates need at least two completed trials.")
+
+
+def build(data: StudyData, args, out: Path, corpus) -> Report:
+    name = data.study.study_name
+    report = Report(f"Tuning report: {name}")
+    data.trials.to_csv(out / "trials.csv")
+    baseline, best = data.baseline(), data.best()
+    counts = {"total": len(data.trials), **{s: int((data.trials["state"] == s).sum())
+                                             for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}}
+    table = None
+    if baseline is not None and baseline.state.name == "COMPLETE" and best is not None:
+        table = analysis.comparison_table(baseline, best, data.pareto())
+        table.to_csv(out / "comparison.csv")
+    only_baseline = counts["COMPLETE"] == 1 and table is not None
+    importance = analysis.importances(data.study) if counts["COMPLETE"] >= 2 else None
+
+    confirmation = None
+    if args.confirm_seeds and table is not None:
+        if corpus is None:
+            raise DataError("--confirm-seeds needs the corpus: pass --data")
+        configs = {"baseline": trial_config(baseline)}
+        if best.number != baseline.number:
+            configs["tuned"] = trial_config(best)
+        seeds = [10_000 + i for i in range(args.confirm_seeds)]  # fresh: no trial trained with these
+        confirmation = confirm(configs, corpus, seeds, data.client, data.parent_run_id)
+
+    report.heading("Findings")
+    for sentence in analysis.findings(None if only_baseline else table, importance, counts, confirmation):
+        report.paragraph(sentence)
+    if only_baseline:
+        report.paragraph("Only the baseline trial has finished so far: run more trials to compare.")
+    report.heading("Baseline vs tuned")
+    if table is not None:
+        report.table(table)
+    else:
+        state = baseline.state.name if baseline else "missing"
+        report.paragraph(f"The baseline trial is {state}: no before/after comparison yet.")
+    if confirmation:
+        report.heading(f"Confirmation over {args.confirm_seeds} fresh seeds")
+        report.table(confirmation["summary"])
+        report.paragraph(confirmation["verdict"])
+        confirmation["summary"].to_csv(out / "confirmation.csv")
+    trials = {"baseline": baseline, "tuned": best} if baseline and best and best.number != baseline.number else \
+        {k: v for k, v in {"baseline": baseline, "best": best}.items() if v is not None}
+    add_plots(report, data, {k: t for k, t in trials.items() if t.state.name != "FAIL"}, out, importance)
+    add_samples(report, data, trials, corpus, out)
+    report.heading("Top trials")
+    top = data.trials[data.trials["state"] == "COMPLETE"].sort_values("best_val_loss").head(10)
+    report.table(top[["best_val_loss", "runtime_s", *analysis.SEARCHED]])
+    shutil.rmtree(out / "dl", ignore_errors=True)
+    return report
+
+
+def write_report(data: StudyData, args, out: Path, corpus) -> None:
+    """Build in a temporary directory beside out, then swap it in: out is never left half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        report = build(data, args, tmp, corpus)
+        (tmp / "report.md").write_text(report.markdown(), encoding="utf-8")
+        (tmp / "report.html").write_text(report.html(), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    out = Path(args.out or Path("reports") / args.study_name)
+    try:
+        data = load(args.study_name, args.storage, resolve_tracking_uri(args.tracking_uri))
+        corpus = study_corpus(data, args.data)
+        write_report(data, args, out, corpus)
+    except (ReportError, StorageError, DataError, ConfigError) as exc:
+        fail(str(exc), PROG)
+    if data.parent_run_id:
+        data.client.log_artifacts(data.parent_run_id, str(out), "report")
+    print(f"report written to {out}/ (report.md, report.html, comparison.csv, trials.csv, plots)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
