@@ -83,7 +83,9 @@ def bench(name: str, config: TrainConfig, corpus, iters: int, repeats: int) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from model.cli import Parser
+    from model.cli import Parser, fail
+    from model.config import ConfigError
+    from model.data import DataError
 
     parser = Parser(prog="python -m model.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=[*CONFIGS, "all"], default=None,
@@ -95,18 +97,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile (default: on for CUDA)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    if args.iters < 1 or args.repeats < 1:
+        parser.error("--iters and --repeats must be at least 1")
+    try:
+        device = resolve_device(args.device)
+        corpus = load_corpus(args.data)
+        configs = {name: CONFIGS[name].replace(device=args.device, compile=args.compile) for name in CONFIGS}
+        for config in configs.values():
+            corpus.check_block_size(config.block_size)
+    except (ConfigError, DataError) as exc:
+        fail(str(exc), parser.prog)
     names = [args.config] if args.config not in (None, "all") else list(CONFIGS)
     if args.config is None and device.type != "cuda":
         names = ["baby"]
-    corpus = load_corpus(args.data)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__} on {where}; {args.iters} steps x {args.repeats} repeats, medians")
     print(f"{'config':<17} {'params':>7}  {'dev':<5} {'ms/iter':>9} {'tokens/s':>12} {'MFU':>6}  "
           f"{'bare tok/s':>12} {'loop/bare':>8}")
     for name in names:
-        config = CONFIGS[name].replace(device=args.device, compile=args.compile)
-        bench(name, config, corpus, args.iters, args.repeats)
+        bench(name, configs[name], corpus, args.iters, args.repeats)
 
 
 if __name__ == "__main__":

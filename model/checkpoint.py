@@ -29,9 +29,13 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT, tokenizer: CharToken
     }
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".ckpt.", suffix=".part")
     os.close(fd)
-    torch.save(payload, tmp)
     path = out / CHECKPOINT_FILE
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return path
 
 

@@ -46,9 +46,13 @@ def download_tiny_shakespeare(dest: Path, url: str | None = None, timeout: float
     _check_tiny_shakespeare(blob, url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".input.", suffix=".part")
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, dest)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, dest)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return dest
 
 

@@ -1,4 +1,4 @@
-"""Numbers the report states: baseline-vs-tuned comparison, importances, sample quality, findings."""
+"""Numbers the report states beyond the comparison table: importances, sample quality, findings."""
 from __future__ import annotations
 
 import re
@@ -6,38 +6,8 @@ import warnings
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial
 
-from study.space import SEARCHED
-
-COMPARED = (*SEARCHED, "best_val_loss", "final_train_loss", "final_val_loss", "generalization_gap",
-            "runtime_s", "tokens_per_s", "n_params")
 WORD = re.compile(r"[A-Za-z']+")
-
-
-def trial_figures(t: FrozenTrial) -> dict:
-    figures = {k: t.params.get(k) for k in SEARCHED}
-    attrs = t.user_attrs
-    figures.update(best_val_loss=t.values[0], final_train_loss=attrs.get("train_loss"),
-                   final_val_loss=attrs.get("val_loss"), runtime_s=attrs.get("runtime_s"),
-                   tokens_per_s=attrs.get("tokens_per_s"), n_params=attrs.get("n_params"))
-    if figures["final_train_loss"] is not None and figures["final_val_loss"] is not None:
-        figures["generalization_gap"] = figures["final_val_loss"] - figures["final_train_loss"]
-    return figures
-
-
-def comparison_table(baseline: FrozenTrial, best: FrozenTrial, pareto: list[FrozenTrial] = ()) -> pd.DataFrame:
-    """Rows: hyperparameters and results. Columns: baseline, tuned, their change, then any Pareto trials."""
-    base, tuned = trial_figures(baseline), trial_figures(best)
-    table = pd.DataFrame({"baseline": pd.Series(base), "tuned": pd.Series(tuned)}).reindex(list(COMPARED))
-    table = table.astype(float)
-    table["change"] = table["tuned"] - table["baseline"]
-    table["change_pct"] = 100 * table["change"] / table["baseline"].where(table["baseline"] != 0)
-    for t in pareto:
-        table[f"pareto_trial_{t.number}"] = pd.Series(trial_figures(t)).reindex(list(COMPARED)).astype(float)
-    table.index.name = "quantity"
-    table.attrs.update(baseline_trial=baseline.number, tuned_trial=best.number)
-    return table
 
 
 def importances(study: optuna.Study) -> pd.Series | None:
@@ -61,13 +31,13 @@ def corpus_words(text: str) -> set[str]:
     return set(WORD.findall(text))
 
 
-def findings(table: pd.DataFrame | None, imp: pd.Series | None, counts: dict, confirmation: dict | None) -> list[str]:
-    """A few sentences computed from the data."""
+def findings(table: pd.DataFrame | None, imp: pd.Series | None, counts: dict, confirmation: dict | None,
+             missing: str | None = None) -> list[str]:
+    """A few sentences computed from the data; `missing` says why there is no comparison table."""
     out = [f"{counts['total']} trials: {counts['COMPLETE']} completed, {counts['PRUNED']} pruned, "
            f"{counts['FAIL']} failed."]
     if table is None:
-        out.append("Only the baseline has finished (or no trial has improved on nothing yet): there is no tuned "
-                   "configuration to compare.")
+        out.append(missing or "There is no tuned configuration to compare yet.")
         return out
     loss, runtime = table.loc["best_val_loss"], table.loc["runtime_s"]
     b, t = table.attrs["baseline_trial"], table.attrs["tuned_trial"]

@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from study.space import SEARCHED
 from study.storage import DEFAULT_JOURNAL, make_storage
+from study.summary import baseline_trial, best_trial
 from study.tracking import PARENT_RUN_ATTR, redact
 
 # Per-trial figures the objective stores on each completed trial (Optuna user attributes).
@@ -38,11 +39,10 @@ class StudyData:
                 if t.values and math.isfinite(t.values[0])]
 
     def baseline(self) -> FrozenTrial | None:
-        return next((t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None)
+        return baseline_trial(self.study)
 
     def best(self) -> FrozenTrial | None:
-        """Lowest val loss among completed trials (for loss-time too: the most accurate Pareto point)."""
-        return min(self.completed(), key=lambda t: t.values[0], default=None)
+        return best_trial(self.study)
 
     def pareto(self) -> list[FrozenTrial]:
         return sorted(self.study.best_trials, key=lambda t: t.values[0]) if self.multi_objective else []
@@ -77,7 +77,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         last = t.intermediate_values.get(t.last_step) if t.last_step is not None else None
         row = {"number": t.number, "state": t.state.name, "baseline": bool(t.user_attrs.get("baseline", False)),
-               "best_val_loss": t.values[0] if t.values else None,
+               # Optuna stores a pruned trial's last report as its value: only completed trials have a best
+               "best_val_loss": t.values[0] if t.values and t.state == TrialState.COMPLETE else None,
                "last_reported_val_loss": last, "last_step": t.last_step}
         row.update({k: t.params.get(k) for k in SEARCHED})
         row.update({k: t.user_attrs.get(k) for k in TRIAL_ATTRS})

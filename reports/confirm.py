@@ -14,7 +14,7 @@ from model.config import TrainConfig
 from model.data import Corpus
 from model.train import train
 from reports.collect import ReportError
-from study.tracking import TrialRun
+from study.tracking import TrialRun, describe_error
 
 
 def trial_config(t: FrozenTrial) -> TrainConfig:
@@ -40,7 +40,13 @@ def confirm(configs: dict[str, TrainConfig], corpus: Corpus, seeds: list[int], c
         for seed in seeds:
             cfg = config.replace(seed=seed)
             run = _tracked_run(client, parent_run_id, label, cfg) if parent_run_id else None
-            result = train(cfg, corpus, [run] if run else [])
+            try:
+                result = train(cfg, corpus, [run] if run else [])
+            except Exception as exc:
+                if run:
+                    run.end("FAIL", describe_error(exc))
+                raise ReportError(f"confirmation of the {label} configuration with seed {seed} failed: "
+                                  f"{describe_error(exc)}") from None
             if run:
                 run.end()
             rows.append({"configuration": label, "seed": seed, "best_val_loss": result.best_val_loss,

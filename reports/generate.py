@@ -15,6 +15,8 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Sequence  # noqa: E402
 
+from mlflow.exceptions import MlflowException  # noqa: E402
+
 from model.cli import Parser, fail  # noqa: E402
 from model.config import ConfigError  # noqa: E402
 from model.data import DataError, load_corpus  # noqa: E402
@@ -22,8 +24,10 @@ from reports import analysis, plots  # noqa: E402
 from reports.collect import ReportError, StudyData, load, loss_curves, run_params, run_text  # noqa: E402
 from reports.confirm import confirm, trial_config  # noqa: E402
 from reports.render import Report  # noqa: E402
+from study.space import SEARCHED  # noqa: E402
 from study.storage import StorageError  # noqa: E402
-from study.tracking import resolve_tracking_uri  # noqa: E402
+from study.summary import comparison_table  # noqa: E402
+from study.tracking import TrackingError, check_tracking, first_line, redact, resolve_tracking_uri  # noqa: E402
 
 PROG = "python reports/generate.py"
 
@@ -46,9 +50,11 @@ def parse_args(argv: Sequence[str] | None):
 def study_corpus(data: StudyData, path: str | None):
     """The corpus the study trained on (verified by SHA-256), or None when it is not at hand."""
     params = run_params(data.client, data.parent_run_id) if data.parent_run_id else {}
-    path = path or params.get("corpus_path")
-    if not path:
-        return None
+    if path is None:
+        path = params.get("corpus_path")
+        if not path or not Path(path).is_file():
+            return None  # only samples' word share and --confirm-seeds need it; they say so
+
     corpus = load_corpus(path)
     expected = params.get("corpus_sha256")
     if expected and corpus.sha256 != expected:
@@ -105,7 +111,7 @@ def build(data: StudyData, args, out: Path, corpus) -> Report:
                                              for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}}
     table = None
     if baseline is not None and baseline.state.name == "COMPLETE" and best is not None:
-        table = analysis.comparison_table(baseline, best, data.pareto())
+        table = comparison_table(baseline, best, data.pareto())
         table.to_csv(out / "comparison.csv")
     only_baseline = counts["COMPLETE"] == 1 and table is not None
     importance = analysis.importances(data.study) if counts["COMPLETE"] >= 2 else None
@@ -120,11 +126,15 @@ def build(data: StudyData, args, out: Path, corpus) -> Report:
         seeds = [10_000 + i for i in range(args.confirm_seeds)]  # fresh: no trial trained with these
         confirmation = confirm(configs, corpus, seeds, data.client, data.parent_run_id)
 
-    report.heading("Findings")
-    for sentence in analysis.findings(None if only_baseline else table, importance, counts, confirmation):
-        report.paragraph(sentence)
+    missing = None
     if only_baseline:
-        report.paragraph("Only the baseline trial has finished so far: run more trials to compare.")
+        missing = "Only the baseline trial has finished so far: run more trials to compare."
+    elif table is None:
+        missing = (f"The baseline trial is {baseline.state.name if baseline else 'missing'}: "
+                   "no before/after comparison.")
+    report.heading("Findings")
+    for sentence in analysis.findings(None if missing else table, importance, counts, confirmation, missing):
+        report.paragraph(sentence)
     report.heading("Baseline vs tuned")
     if table is not None:
         report.table(table)
@@ -142,13 +152,15 @@ def build(data: StudyData, args, out: Path, corpus) -> Report:
     add_samples(report, data, trials, corpus, out)
     report.heading("Top trials")
     top = data.trials[data.trials["state"] == "COMPLETE"].sort_values("best_val_loss").head(10)
-    report.table(top[["best_val_loss", "runtime_s", *analysis.SEARCHED]])
+    report.table(top[["best_val_loss", "runtime_s", *SEARCHED]])
     shutil.rmtree(out / "dl", ignore_errors=True)
     return report
 
 
 def write_report(data: StudyData, args, out: Path, corpus) -> None:
     """Build in a temporary directory beside out, then swap it in: out is never left half-written."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").exists())):
+        raise ReportError(f"--out {out}: exists and is not an earlier report; pick an empty or new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -167,14 +179,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     out = Path(args.out or Path("reports") / args.study_name)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
     try:
-        data = load(args.study_name, args.storage, resolve_tracking_uri(args.tracking_uri))
+        check_tracking(tracking_uri)
+        data = load(args.study_name, args.storage, tracking_uri)
         corpus = study_corpus(data, args.data)
         write_report(data, args, out, corpus)
-    except (ReportError, StorageError, DataError, ConfigError) as exc:
+        if data.parent_run_id:
+            data.client.log_artifacts(data.parent_run_id, str(out), "report")
+    except (ReportError, StorageError, DataError, ConfigError, TrackingError) as exc:
         fail(str(exc), PROG)
-    if data.parent_run_id:
-        data.client.log_artifacts(data.parent_run_id, str(out), "report")
+    except MlflowException as exc:
+        fail(f"MLflow tracking at {redact(tracking_uri)}: {first_line(exc)}", PROG)
     print(f"report written to {out}/ (report.md, report.html, comparison.csv, trials.csv, plots)")
     return 0
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from model.data import Corpus
 from model.gpt import count_params
 from model.sample import sample_text
 from model.train import resolve_device, train
+from study.recovery import StaleTrialHandler, mark_worker, recover_dead_workers
 from study.space import suggest_params
 from study.tracking import StudyTracker, code_version, describe_error, format_traceback
 
@@ -48,40 +48,49 @@ class ReportToOptuna:
 
 class Objective:
     def __init__(self, space: dict, base: TrainConfig, corpus: Corpus, tracker: StudyTracker,
-                 objective: str, sample: SampleSpec, prune: bool):
+                 objective: str, sample: SampleSpec, prune: bool, stale_handler: StaleTrialHandler | None = None,
+                 attrs: dict | None = None):
         self.space, self.base, self.corpus, self.tracker = space, base, corpus, tracker
         self.objective, self.sample, self.prune = objective, sample, prune
+        self.stale_handler, self.attrs = stale_handler, attrs or {}
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        config = self.base.replace(**suggest_params(trial, self.space))
-        baseline = bool(trial.user_attrs.get("baseline", False))
-        run = self.tracker.start_trial(trial, config, baseline, {
-            "n_params": count_params(config.model_config(self.corpus.vocab_size)),
-            "device": str(resolve_device(config.device)),
-            "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
-            "code_version": code_version(), "trial_number": trial.number})
-        trial.set_user_attr("mlflow_run_id", run.run_id)
-        trial.set_user_attr("config", dataclasses.asdict(config))  # the full config, to re-run it exactly
-        callbacks = [run, ReportToOptuna(trial, config.max_iters)] if self.prune else [run]
+        run = None
         try:
+            mark_worker(trial)
+            for key, value in self.attrs.items():
+                trial.set_user_attr(key, value)
+            if self.stale_handler is not None:  # a living worker fails and re-queues the trials of dead ones
+                recover_dead_workers(trial.study, self.stale_handler)
+            config = self.base.replace(**suggest_params(trial, self.space))
+            run = self.tracker.start_trial(trial, config, bool(trial.user_attrs.get("baseline", False)), {
+                "n_params": count_params(config.model_config(self.corpus.vocab_size)),
+                "device": str(resolve_device(config.device)),
+                "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
+                "code_version": code_version(), "trial_number": trial.number})
+            trial.set_user_attr("mlflow_run_id", run.run_id)
+            trial.set_user_attr("config", dataclasses.asdict(config))  # the full config, to re-run it exactly
+            callbacks = [run, ReportToOptuna(trial, config.max_iters)] if self.prune else [run]
             result = train(config, self.corpus, callbacks)
-            value = self._finish(trial, run, result)
+            return self._finish(trial, run, result)
         except optuna.TrialPruned:
             run.end("PRUNED")
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
-            run.end("FAIL", "interrupted", status="KILLED")
+            if run is not None:
+                run.end("FAIL", "interrupted", status="KILLED")
             raise
         except Exception as exc:
             reason = describe_error(exc)
             trial.set_user_attr("fail_reason", reason)
-            run.log_text(format_traceback(exc), "error.txt")
-            run.end("FAIL", reason)
+            if run is not None:
+                run.log_text(format_traceback(exc), "error.txt")
+                run.end("FAIL", reason)
             raise
         finally:
-            self._release_memory()
-        return value
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next trial may need a different shape of memory
 
     def _finish(self, trial: optuna.Trial, run, result) -> float | tuple[float, float]:
         text = sample_text(result.model, self.corpus.tokenizer, self.sample.prompt, self.sample.max_new_tokens,
@@ -101,9 +110,3 @@ class Objective:
     def _is_best_so_far(trial: optuna.Trial, loss: float) -> bool:
         done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return all(loss < t.values[0] for t in done if t.values and math.isfinite(t.values[0]))
-
-    @staticmethod
-    def _release_memory() -> None:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

@@ -12,21 +12,26 @@ sys.path.insert(0, str(_HERE.parent))
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import urllib.request  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 import optuna  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from optuna.distributions import distribution_to_json  # noqa: E402
 import torch  # noqa: E402
 
 from model.cli import Parser, add_config_flags, config_overrides, fail  # noqa: E402
 from model.config import ConfigError, TrainConfig  # noqa: E402
 from model.data import Corpus, DataError, load_corpus  # noqa: E402
 from study.objective import OBJECTIVES, Objective, SampleSpec  # noqa: E402
-from study.progress import Progress, print_summary, study_summary  # noqa: E402
+from study.progress import Progress, print_summary  # noqa: E402
 from study.space import PRESETS, SEARCHED, Preset, SpaceError, check_space, load_space_file, values_of  # noqa: E402
-from study.storage import PRUNERS, SAMPLERS, StorageError, check_storage_arg, make_pruner, make_sampler, make_storage  # noqa: E402,E501
-from study.tracking import StudyTracker, redact, resolve_tracking_uri  # noqa: E402
+from study.recovery import StaleTrialHandler, recover_dead_workers  # noqa: E402
+from study.summary import study_summary  # noqa: E402
+from study.storage import (DEFAULT_JOURNAL, PRUNERS, SAMPLERS, StorageError, check_storage_arg,  # noqa: E402
+                           init_lock, make_pruner, make_sampler, make_storage)
+from study.tracking import StudyTracker, TrackingError, check_tracking, first_line, redact, resolve_tracking_uri  # noqa: E402
+from study.workers import Launcher  # noqa: E402
 
 PROG = "python study/run.py"
 
@@ -54,11 +59,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-prompt", help="prompt for every trial's sample (default: 'ROMEO:' when the "
                         "corpus has those characters, else its first 8 characters)")
     parser.add_argument("--sample-tokens", type=int, default=500, help="characters per sample (default: 500)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
+    parser.add_argument("--threads", type=int, help="CPU threads per worker (default: the cores split between "
+                        "the workers)")
+    parser.add_argument("--heartbeat-interval", type=int, default=60, metavar="SECONDS",
+                        help="RDB storages: a running trial silent for twice this is failed and re-queued")
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the --workers launcher
+    parser.add_argument("--launch-id", help=argparse.SUPPRESS)
     fixed = [name for name in TrainConfig.__dataclass_fields__ if name not in SEARCHED and name != "seed"]
     add_config_flags(parser, only=fixed)
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error(f"--trials must be at least 1, got {args.trials}")
+    for name in ("workers", "threads", "heartbeat_interval"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.timeout is not None and args.timeout <= 0:
         parser.error(f"--timeout must be positive, got {args.timeout}")
     if args.sample_tokens < 0:
@@ -101,21 +116,8 @@ def plan(args: argparse.Namespace) -> Plan:
     return Plan(preset, space, base, corpus, name, SampleSpec(prompt, args.sample_tokens, seed=args.seed), tracking_uri)
 
 
-def check_tracking(uri: str) -> None:
-    """Reach a tracking server (or the sqlite file's directory) before anything is created."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
-        except OSError as exc:
-            raise StorageError(f"--tracking-uri {redact(uri)}: MLflow server unreachable ({exc})") from None
-    elif uri.startswith("sqlite:///"):
-        directory = Path(uri.removeprefix("sqlite:///")).parent
-        if not directory.is_dir():
-            raise StorageError(f"--tracking-uri {uri}: directory {directory} does not exist")
-
-
-def open_study(args: argparse.Namespace, p: Plan) -> optuna.Study:
-    storage = make_storage(args.storage)
+def open_study(args: argparse.Namespace, p: Plan, handler: StaleTrialHandler) -> optuna.Study:
+    storage = make_storage(args.storage, args.heartbeat_interval, handler)
     directions = OBJECTIVES[args.objective]
     pruner = make_pruner(args.pruner if len(directions) == 1 else "none", p.base.eval_interval,
                          max(values_of(p.space["max_iters"]) or [p.space["max_iters"].high]))
@@ -124,51 +126,107 @@ def open_study(args: argparse.Namespace, p: Plan) -> optuna.Study:
     if len(study.directions) != len(directions):
         raise StorageError(f"study {p.study_name!r} has {len(study.directions)} objective(s); "
                            f"--objective {args.objective} needs {len(directions)}: pick another --study-name")
+    check_same_setup(study, p)
     # offset the seed by the trials already run, so a resumed study does not replay its sampler
-    study.sampler = make_sampler(args.sampler, args.seed + len(study.trials))
+    # and by the worker, so parallel workers do not propose the same parameters
+    study.sampler = make_sampler(args.sampler, args.seed + len(study.trials) + 1000 * (args.worker_index or 0))
     if not study.trials:
         study.enqueue_trial(p.preset.baseline_params(), user_attrs={"baseline": True})
     return study
 
 
+def check_same_setup(study: optuna.Study, p: Plan) -> None:
+    """A resumed study must keep its corpus, search space and fixed settings, or its trials stop comparing."""
+    setup = {"corpus_sha256": p.corpus.sha256,
+             "space": {k: distribution_to_json(v) for k, v in p.space.items()},
+             "fixed": {k: v for k, v in asdict(p.base).items() if k not in ("device", "compile")}}
+    stored = study.user_attrs.get("setup")
+    if stored is None:
+        if not study.trials:
+            study.set_user_attr("setup", setup)
+        return
+    differs = [k for k in setup if stored.get(k) != setup[k]]
+    if differs:
+        raise StorageError(f"study {p.study_name!r} was created with another {' and '.join(differs)} "
+                           "(corpus, --space, preset or fixed flags); resume it unchanged or pick another --study-name")
+
+
+def open_stores(args: argparse.Namespace, p: Plan, handler: StaleTrialHandler) -> tuple[optuna.Study, StudyTracker]:
+    """Study, baseline, MLflow database, experiment and parent run: created once, before any trial runs."""
+    with init_lock(args.storage, p.study_name):
+        study = open_study(args, p, handler)
+        tracker = StudyTracker(p.tracking_uri, p.study_name)
+        tracker.open(study, {"preset": p.preset.name, "objective": args.objective, "sampler": args.sampler,
+                             "pruner": args.pruner if len(study.directions) == 1 else "none", "seed": args.seed,
+                             "corpus": p.corpus.name, "corpus_path": str(p.corpus.path),
+                             "corpus_sha256": p.corpus.sha256, "storage": redact(args.storage or DEFAULT_JOURNAL),
+                             **{f"base.{k}": v for k, v in asdict(p.base).items()}})
+        handler.tracker = tracker
+        recovered = recover_dead_workers(study, handler)
+    if recovered:
+        print(f"trials {recovered} were left RUNNING by a worker that died: failed and re-queued", flush=True)
+    return study, tracker
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours to print
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    handler = StaleTrialHandler()
     try:
         p = plan(args)
-        study = open_study(args, p)
-    except (ConfigError, DataError, SpaceError, StorageError) as exc:
+        study, tracker = open_stores(args, p, handler)
+    except (ConfigError, DataError, SpaceError, StorageError, TrackingError) as exc:
         fail(str(exc), PROG)
-    prune = args.pruner != "none" and len(study.directions) == 1
-    tracker = StudyTracker(p.tracking_uri, p.study_name)
-    tracker.open(study, {"preset": p.preset.name, "objective": args.objective, "sampler": args.sampler,
-                         "pruner": args.pruner if prune else "none", "seed": args.seed,
-                         "corpus": p.corpus.name, "corpus_path": str(p.corpus.path), "corpus_sha256": p.corpus.sha256,
-                         "storage": redact(args.storage or "optuna.journal"),
-                         **{f"base.{k}": v for k, v in asdict(p.base).items()}})
-    objective = Objective(p.space, p.base, p.corpus, tracker, args.objective, p.sample, prune)
-    print(f"study {p.study_name}: +{args.trials} trials ({len(study.trials)} stored), preset {p.preset.name}, "
-          f"{args.sampler} sampler, {'pruner ' + args.pruner if prune else 'no pruning'}, "
-          f"objective {args.objective}; tracking {redact(p.tracking_uri)}", flush=True)
-    progress = Progress(args.trials, multi_objective=len(study.directions) > 1)
+    except MlflowException as exc:
+        fail(f"MLflow tracking at {redact(resolve_tracking_uri(args.tracking_uri))}: {first_line(exc)}", PROG)
+    worker = args.worker_index is not None
+    if not worker:
+        prune = args.pruner != "none" and len(study.directions) == 1
+        print(f"study {p.study_name}: +{args.trials} trials ({len(study.trials)} stored), preset {p.preset.name}, "
+              f"{args.sampler} sampler, {'pruner ' + args.pruner if prune else 'no pruning'}, "
+              f"objective {args.objective}; tracking {redact(p.tracking_uri)}", flush=True)
     status = "FINISHED"
     try:
-        study.optimize(objective, n_trials=args.trials, timeout=args.timeout, catch=(Exception,),
-                       callbacks=[progress], gc_after_trial=True)
-    except KeyboardInterrupt:
-        status = "KILLED"
+        if args.workers > 1:
+            if not Launcher(argv, args.trials, args.workers, args.threads).run(study, handler):
+                status = "KILLED"
+        elif not run_trials(args, p, study, tracker, handler):
+            status = "KILLED"
     finally:
-        progress.close()
-        summary = study_summary(study)
-        tracker.finish(summary, summary.get("best_run_id"), status)
+        if not worker:
+            summary = study_summary(study)
+            tracker.finish(summary, summary.get("best_run_id"), status)
+    if worker:
+        return 130 if status == "KILLED" else 0
     print_summary(study, summary, p.tracking_uri, args)
     if status == "KILLED":
         print(f"{PROG}: interrupted; the running trial is marked FAIL. Run the same command to resume.",
               file=sys.stderr)
         return 130
     return 0
+
+
+def run_trials(args: argparse.Namespace, p: Plan, study: optuna.Study, tracker: StudyTracker,
+               handler: StaleTrialHandler) -> bool:
+    """This process's trials; False when interrupted by Ctrl-C."""
+    prune = args.pruner != "none" and len(study.directions) == 1
+    attrs = {} if args.worker_index is None else {"worker_index": args.worker_index, "launch_id": args.launch_id}
+    objective = Objective(p.space, p.base, p.corpus, tracker, args.objective, p.sample, prune, handler, attrs)
+    progress = Progress(args.trials, bar=args.worker_index is None,
+                        prefix="" if args.worker_index is None else f"[worker {args.worker_index}] ")
+    try:
+        study.optimize(objective, n_trials=args.trials, timeout=args.timeout, catch=(Exception,),
+                       callbacks=[progress], gc_after_trial=True)
+    except KeyboardInterrupt:
+        return False
+    finally:
+        progress.close()
+    return True
 
 
 if __name__ == "__main__":

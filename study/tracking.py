@@ -6,9 +6,11 @@ import functools
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +26,28 @@ CURVE_METRICS = ("train_loss", "val_loss", "lr", "tokens_per_s")
 def resolve_tracking_uri(arg: str | None) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow's default: mlflow.db in the working directory."""
     return arg or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+class TrackingError(ValueError):
+    """An MLflow tracking URI that cannot be used; the message names it."""
+
+
+def check_tracking(uri: str) -> None:
+    """Reach a tracking server (or the sqlite file's directory) before anything is created."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except OSError as exc:
+            raise TrackingError(f"--tracking-uri {redact(uri)}: MLflow server unreachable ({exc})") from None
+    elif uri.startswith("sqlite:///"):
+        directory = Path(uri.removeprefix("sqlite:///")).parent
+        if not directory.is_dir():
+            raise TrackingError(f"--tracking-uri {uri}: directory {directory} does not exist")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def redact(url: str) -> str:
@@ -101,8 +125,7 @@ class StudyTracker:
 
     def open(self, study, settings: dict) -> str:
         """Create (or find) the experiment and the parent run; a resumed study reopens its parent run."""
-        experiment = self.client.get_experiment_by_name(self.study_name)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.study_name)
+        self.experiment_id = self._experiment_id()
         parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
         if parent_id and self._run_exists(parent_id):
             self.client.update_run(parent_id, status="RUNNING")
@@ -113,6 +136,15 @@ class StudyTracker:
             study.set_user_attr(PARENT_RUN_ATTR, parent_id)
         self.parent_run_id = parent_id
         return parent_id
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.study_name)
+        if experiment:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(self.study_name)
+        except Exception:  # created meanwhile by a worker on another machine
+            return self.client.get_experiment_by_name(self.study_name).experiment_id
 
     def _run_exists(self, run_id: str) -> bool:
         try:
@@ -128,6 +160,16 @@ class StudyTracker:
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in all_params.items()])
         return TrialRun(self.client, run_id)
 
+    def close_run(self, run_id: str, state: str, reason: str, status: str) -> None:
+        """End a trial's run from outside its process (its worker died); a run already ended is left alone."""
+        try:
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                return
+        except Exception:  # unknown run id: nothing to close
+            return
+        self.client.log_batch(run_id, tags=[RunTag("optuna_state", state), RunTag("failure_reason", reason)])
+        self.client.set_terminated(run_id, status)
+
     def finish(self, summary: dict, best_run_id: str | None, status: str = "FINISHED") -> None:
         """End the parent run with the study summary and the best trial's checkpoint."""
         pid = self.parent_run_id
@@ -141,8 +183,9 @@ class StudyTracker:
                 try:
                     local = self.client.download_artifacts(best_run_id, "checkpoint", tmp)
                     self.client.log_artifacts(pid, local, "best_checkpoint")
-                except Exception:  # the best trial may predate checkpointing; the summary still stands
-                    pass
+                except Exception as exc:  # the summary still stands without the checkpoint
+                    print(f"warning: best trial's checkpoint not copied to the study run ({describe_error(exc)})",
+                          file=sys.stderr)
         self.client.set_terminated(pid, status)
 
 

@@ -1,7 +1,17 @@
 """Helpers for the study tests: run the CLI in-process and read back both stores."""
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
 import optuna
+import pytest
 from mlflow import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -12,7 +22,7 @@ from study import run as study_run
 def run_study(*args: str) -> int:
     """The study CLI on the smoke preset in the current directory; returns its exit code."""
     try:
-        return study_run.main(["--preset", "smoke", *args])
+        return study_run.main(["--preset", "smoke", "--device", "cpu", *args])
     except SystemExit as exc:
         return exc.code
 
@@ -33,3 +43,49 @@ def parent_runs(client: MlflowClient, experiment: str):
 
 def child_runs(client: MlflowClient, experiment: str):
     return [r for r in _runs(client, experiment) if "mlflow.parentRunId" in r.data.tags]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start_mlflow_server(home: Path, backend_uri: str | None = None):
+    """A real `mlflow server` on loopback (stores under home unless backend_uri is given); yields its URL."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", backend_uri or f"sqlite:///{home / 'mlflow.db'}",
+                             "--workers", "1"], cwd=home, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def fresh_postgres_database(admin_url: str) -> str:
+    """CREATE a new database on the test server; returns its URL."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url.replace("postgresql://", "postgresql://", 1), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return admin_url.rsplit("/", 1)[0] + "/" + name

@@ -68,8 +68,8 @@ def test_bad_training_input_exits_2_with_one_line(tmp_path, capsys, content, fla
         path.write_text(content)
     err = one_line_error(capsys, train_cli.main, ["--data", str(path), *TINY[:-2], *flags])
     assert message in err
-    if content is None or "corpus" in message:
-        assert str(path) in err
+    if content is None or isinstance(content, bytes) or content in ("", "tiny text"):
+        assert str(path) in err  # a problem with the file names the file
 
 
 def test_prompt_outside_the_vocabulary_lists_the_characters(corpus, tmp_path, capsys):

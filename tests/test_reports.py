@@ -55,8 +55,10 @@ def test_every_file_is_written_and_matches_the_stores(in_study_dir):
     assert list(trials.index) == [t.number for t in study.trials]
     for t in study.trials:
         assert trials.loc[t.number, "state"] == t.state.name
-        if t.values:
+        if t.state.name == "COMPLETE":
             assert trials.loc[t.number, "best_val_loss"] == pytest.approx(t.values[0], rel=1e-12)
+        else:  # a pruned trial's value is its last report, which the table keeps in its own column
+            assert trials.loc[t.number, "last_reported_val_loss"] == pytest.approx(t.values[0], rel=1e-12)
     comparison = pd.read_csv(out / "comparison.csv", index_col="quantity")
     assert comparison.loc["best_val_loss", "tuned"] == pytest.approx(study.best_value, rel=1e-12)
     assert comparison.loc["best_val_loss", "baseline"] == pytest.approx(study.trials[0].value, rel=1e-12)
@@ -86,7 +88,9 @@ def test_rerunning_writes_the_same_tables(in_study_dir, tmp_path):
 def test_confirmation_reruns_both_configurations_and_tracks_them(in_study_dir, tmp_path):
     assert make_report("--study-name", "smoke-verse", "--out", str(tmp_path / "r"), "--confirm-seeds", "2") == 0
     summary = pd.read_csv(tmp_path / "r" / "confirmation.csv", index_col="configuration")
-    assert list(summary["seeds"]) == [2, 2] or list(summary["seeds"]) == [2]
+    study = load_study(in_study_dir)
+    assert study.best_trial.number != 0  # a tuned configuration exists, so both are re-trained
+    assert list(summary.index) == ["baseline", "tuned"] and list(summary["seeds"]) == [2, 2]
     client = MlflowClient(f"sqlite:///{in_study_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke-verse")
     runs = client.search_runs([experiment.experiment_id], "tags.confirmation = 'true'")
@@ -131,3 +135,12 @@ def test_study_with_failed_and_pruned_trials_is_reported(workdir, corpus_file, t
     assert list(trials["state"]) == ["COMPLETE", "FAIL", "FAIL"]
     assert trials["fail_reason"].iloc[1].startswith("TrainingDiverged")
     assert "2 failed" in (workdir / "reports" / "smoke-verse" / "report.md").read_text()
+
+
+def test_out_that_is_not_an_earlier_report_is_refused(in_study_dir, tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    assert make_report("--study-name", "smoke-verse", "--out", str(precious)) == 2
+    assert "is not an earlier report" in capsys.readouterr().err
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]

@@ -123,7 +123,10 @@ def test_loss_time_study_has_two_objectives_and_a_pareto_front(workdir, corpus_f
     assert "Pareto front (val loss vs runtime): trials" in capsys.readouterr().out
 
 
-def test_help_names_every_preset():
+def test_help_names_every_preset_and_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         study_run.parse_args(["--help"])
     assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "{gpu,cpu,smoke}" in out and "--n-layer" in out and "--workers" in out
+    assert "--learning-rate" not in out  # searched, not fixed

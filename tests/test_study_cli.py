@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from study_helpers import run_study
+from study_helpers import free_port, run_study, start_mlflow_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,38 +44,10 @@ def test_bad_arguments_exit_2_with_one_line_and_create_nothing(workdir, tmp_path
     assert list(workdir.iterdir()) == []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback, its stores in a directory of its own."""
-    port = free_port()
-    home = tmp_path / "server"
-    home.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--workers", "1"],
-                            cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with start_mlflow_server(tmp_path / "server") as url:
+        yield url
 
 
 def rest(url: str, endpoint: str, body: dict | None = None) -> dict:
@@ -93,7 +63,7 @@ def test_script_from_another_directory_logs_to_an_mlflow_server(tmp_path, mlflow
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run([sys.executable, str(ROOT / "study" / "run.py"), "--preset", "smoke", "--trials", "2",
-                           "--data", corpus_file, "--tracking-uri", mlflow_server],
+                           "--data", corpus_file, "--tracking-uri", mlflow_server, "--device", "cpu"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "trial   0 COMPLETE" in proc.stdout and "Write the report:" in proc.stdout
@@ -105,5 +75,6 @@ def test_script_from_another_directory_logs_to_an_mlflow_server(tmp_path, mlflow
     (parent_id,) = [r["info"]["run_id"] for r, t in zip(runs, tags) if t.get("role") == "study"]
     children = [t for t in tags if t.get("mlflow.parentRunId") == parent_id]
     assert sorted(t["trial_number"] for t in children) == ["0", "1"]
-    artifacts = rest(mlflow_server, f"artifacts/list?run_id={runs[0]['info']['run_id']}")
-    assert artifacts.get("files")
+    child_id = next(r["info"]["run_id"] for r, t in zip(runs, tags) if t.get("trial_number") == "0")
+    files = {f["path"] for f in rest(mlflow_server, f"artifacts/list?run_id={child_id}")["files"]}
+    assert {"sample.txt", "loss_curves.csv"} <= files

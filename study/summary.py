@@ -1,0 +1,70 @@
+"""Reading a study's outcome: best and baseline trials, the summary, the baseline-vs-tuned comparison."""
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from study.space import SEARCHED
+
+COMPARED = (*SEARCHED, "best_val_loss", "final_train_loss", "final_val_loss", "generalization_gap",
+            "runtime_s", "tokens_per_s", "n_params")
+
+
+def trial_figures(t: FrozenTrial) -> dict:
+    figures = {k: t.params.get(k) for k in SEARCHED}
+    attrs = t.user_attrs
+    figures.update(best_val_loss=t.values[0], final_train_loss=attrs.get("train_loss"),
+                   final_val_loss=attrs.get("val_loss"), runtime_s=attrs.get("runtime_s"),
+                   tokens_per_s=attrs.get("tokens_per_s"), n_params=attrs.get("n_params"))
+    if figures["final_train_loss"] is not None and figures["final_val_loss"] is not None:
+        figures["generalization_gap"] = figures["final_val_loss"] - figures["final_train_loss"]
+    return figures
+
+
+def comparison_table(baseline: FrozenTrial, best: FrozenTrial, pareto: list[FrozenTrial] = ()) -> pd.DataFrame:
+    """Rows: hyperparameters and results. Columns: baseline, tuned, their change, then any Pareto trials."""
+    base, tuned = trial_figures(baseline), trial_figures(best)
+    table = pd.DataFrame({"baseline": pd.Series(base), "tuned": pd.Series(tuned)}).reindex(list(COMPARED))
+    table = table.astype(float)
+    table["change"] = table["tuned"] - table["baseline"]
+    table["change_pct"] = 100 * table["change"] / table["baseline"].where(table["baseline"] != 0)
+    for t in pareto:
+        table[f"pareto_trial_{t.number}"] = pd.Series(trial_figures(t)).reindex(list(COMPARED)).astype(float)
+    table.index.name = "quantity"
+    table.attrs.update(baseline_trial=baseline.number, tuned_trial=best.number)
+    return table
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """Lowest val loss among completed trials (for a loss-time study too: its most accurate Pareto point)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values and math.isfinite(t.values[0])]
+    return min(done, key=lambda t: t.values[0], default=None)
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The baseline trial: its completed run if it was re-queued after a crash, else the first."""
+    runs = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")]
+    return next((t for t in runs if t.state == TrialState.COMPLETE), runs[0] if runs else None)
+
+
+def study_summary(study: optuna.Study) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    best, base = best_trial(study), baseline_trial(study)
+    summary = {"n_trials": len(trials), "n_complete": count[TrialState.COMPLETE],
+               "n_pruned": count[TrialState.PRUNED], "n_failed": count[TrialState.FAIL]}
+    if best is not None:
+        summary.update(best_trial=best.number, best_val_loss=best.values[0], best_params=dict(best.params),
+                       best_run_id=best.user_attrs.get("mlflow_run_id"))
+    if base is not None and base.state == TrialState.COMPLETE:
+        summary["baseline_val_loss"] = base.values[0]
+        if best is not None:
+            summary["improvement"] = base.values[0] - best.values[0]
+            summary["improvement_pct"] = 100 * summary["improvement"] / base.values[0]
+    if len(study.directions) > 1:
+        summary["pareto_trials"] = [t.number for t in study.best_trials]
+    return summary

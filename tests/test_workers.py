@@ -1,0 +1,180 @@
+"""Parallel workers, shared stores and crash recovery, with real processes and real servers on loopback."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from study.recovery import STALE_ATTR
+from study_helpers import child_runs, fresh_postgres_database, load_study, parent_runs, run_study, start_mlflow_server
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES = os.environ.get("CHARGPT_TEST_POSTGRES")
+needs_postgres = pytest.mark.skipif(not POSTGRES, reason="set CHARGPT_TEST_POSTGRES to a PostgreSQL URL (.ci/run does)")
+SLOW_TRIALS = "max_iters:\n  low: 800\n  high: 800\n"  # trials long enough to be killed in the middle
+
+
+def study_cmd(corpus_file: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "study" / "run.py"), "--preset", "smoke", "--device", "cpu",
+            "--data", corpus_file, "--pruner", "none", *args]
+
+
+def env_without_tracking() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+def assert_counts_match(study: optuna.Study, client: MlflowClient, expected: int) -> None:
+    assert len(study.trials) == expected
+    assert sorted(t.number for t in study.trials) == list(range(expected))
+    (parent,) = parent_runs(client, study.study_name)
+    children = child_runs(client, study.study_name)
+    assert len(children) == expected
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == list(range(expected))
+
+
+def test_two_workers_share_one_journal_study(workdir, corpus_file):
+    assert run_study("--trials", "5", "--workers", "2", "--data", corpus_file, "--pruner", "none") == 0
+    study = load_study(workdir)
+    assert_counts_match(study, MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), 5)
+    assert {t.user_attrs["worker_index"] for t in study.trials} == {0, 1}
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+
+
+def test_fresh_stores_touched_by_three_processes_at_once(workdir, corpus_file):
+    procs = [subprocess.Popen(study_cmd(corpus_file, "--trials", "1"), cwd=workdir, env=env_without_tracking(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    study = load_study(workdir)
+    assert_counts_match(study, MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), 3)
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+
+
+def kill_a_worker_mid_trial(study_loader, launcher: subprocess.Popen, timeout: float = 120) -> int:
+    """SIGKILL the process running the first non-baseline trial once it is under way; returns its trial number."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert launcher.poll() is None, "the study ended before a worker could be killed"
+        try:
+            running = [t for t in study_loader().get_trials(states=(TrialState.RUNNING,))
+                       if "worker_pid" in t.user_attrs and not t.user_attrs.get("baseline")
+                       and t.user_attrs["worker_pid"] != launcher.pid and "mlflow_run_id" in t.user_attrs]
+        except (KeyError, ValueError):  # the study is not created yet
+            running = []
+        if running:
+            time.sleep(0.5)  # well inside training
+            os.kill(running[0].user_attrs["worker_pid"], signal.SIGKILL)
+            return running[0].number
+        time.sleep(0.1)
+    pytest.fail("no trial started in time")
+
+
+def assert_recovered(study: optuna.Study, client: MlflowClient, killed: int, finished: int) -> None:
+    trials = study.trials
+    stale = trials[killed]
+    assert stale.state == TrialState.FAIL
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == killed]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == stale.params
+    done = [t for t in trials if t.state.is_finished() and not t.user_attrs.get(STALE_ATTR)
+            and t.number != killed]
+    assert len(done) == finished
+    run = client.get_run(stale.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "FAIL"
+    assert not [c for c in child_runs(client, study.study_name) if c.info.status == "RUNNING"]
+
+
+def test_sigkilled_journal_worker_is_replaced_and_its_trial_requeued(workdir, corpus_file, tmp_path):
+    space = tmp_path / "slow.yaml"
+    space.write_text(SLOW_TRIALS)
+    launcher = subprocess.Popen(study_cmd(corpus_file, "--trials", "4", "--workers", "2", "--space", str(space)),
+                                cwd=workdir, env=env_without_tracking(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    killed = kill_a_worker_mid_trial(lambda: load_study(workdir), launcher)
+    out, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, out
+    assert f"trials [{killed}] failed and re-queued" in out
+    assert_recovered(load_study(workdir), MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), killed, finished=4)
+
+
+@needs_postgres
+def test_workers_on_postgres_and_an_mlflow_server_backed_by_postgres(tmp_path, corpus_file):
+    optuna_db, mlflow_db = fresh_postgres_database(POSTGRES), fresh_postgres_database(POSTGRES)
+    optuna_db = optuna_db.replace("postgres@", "postgres:s3cret-pw@")  # the test server trusts loopback
+    work = tmp_path / "work"
+    work.mkdir()
+    with start_mlflow_server(tmp_path / "server", backend_uri=mlflow_db) as url:
+        proc = subprocess.run(study_cmd(corpus_file, "--trials", "6", "--workers", "3", "--storage", optuna_db,
+                                        "--tracking-uri", url), cwd=work, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        study = optuna.load_study(study_name="smoke-verse", storage=optuna_db)
+        client = MlflowClient(url)
+        assert_counts_match(study, client, 6)
+        (parent,) = parent_runs(client, "smoke-verse")
+        assert parent.data.params["storage"].startswith("postgresql://postgres:***@")
+    assert "s3cret-pw" not in proc.stdout + proc.stderr and "***" in proc.stdout
+    assert list(work.iterdir()) == []  # nothing local: both stores are servers
+
+
+@needs_postgres
+def test_sigkilled_worker_on_postgres_is_failed_and_requeued_by_a_living_one(tmp_path, corpus_file):
+    url = fresh_postgres_database(POSTGRES)
+    space = tmp_path / "slow.yaml"
+    space.write_text(SLOW_TRIALS)
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ("--trials", "3", "--storage", url, "--space", str(space), "--heartbeat-interval", "1")
+    procs = [subprocess.Popen(study_cmd(corpus_file, *args), cwd=work, env=env_without_tracking(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    victim_trial = kill_a_worker_mid_trial(lambda: optuna.load_study(study_name="smoke-verse", storage=url),
+                                           procs[0])
+    # the killed process may be either; the survivor goes on and picks up the re-queued trial
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [-signal.SIGKILL, 0], outs
+    # whatever the survivor did not pick up, the next run of the study does
+    rerun = subprocess.run(study_cmd(corpus_file, *args[:1], "1", *args[2:]), cwd=work, env=env_without_tracking(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    study = optuna.load_study(study_name="smoke-verse", storage=url)
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    finished = sum(1 for t in study.trials if t.state.is_finished() and t.number != victim_trial)
+    assert_recovered(study, client, victim_trial, finished=finished)
+
+
+def test_heartbeat_stale_trial_is_closed_in_mlflow_and_requeued(workdir, corpus_file, tmp_path):
+    """A trial whose worker stopped beating (on another machine: no pid to check) is failed by the heartbeat."""
+    from model.config import TrainConfig
+    from study.recovery import StaleTrialHandler
+    from study.storage import make_storage
+    from study.tracking import StudyTracker
+
+    handler = StaleTrialHandler()
+    storage = make_storage(f"sqlite:///{tmp_path / 'rdb.db'}", heartbeat_interval=1, stale_callback=handler)
+    study = optuna.create_study(study_name="hb", storage=storage)
+    tracker = StudyTracker(f"sqlite:///{workdir / 'mlflow.db'}", "hb")
+    tracker.open(study, {})
+    handler.tracker = tracker
+    trial = study.ask()
+    trial.suggest_float("learning_rate", 1e-3, 1e-2)
+    run = tracker.start_trial(trial, TrainConfig(), False, {})
+    trial.set_user_attr("mlflow_run_id", run.run_id)
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(3.5)  # past the grace period (2 x interval), at the database clock's one-second resolution
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert trials[1].state == TrialState.WAITING
+    assert trials[1].system_attrs["fixed_params"] == trials[0].params
+    assert tracker.client.get_run(run.run_id).info.status == "KILLED"
