@@ -28,18 +28,18 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_history(trials: pd.DataFrame, path: Path) -> Path:
-    """Val loss per trial with the best-so-far line; pruned trials at their last report, failed ones on the axis."""
+    """Val loss per trial with the best-so-far line; pruned trials at their last report, failed ones at the top."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     value = trials["best_val_loss"].fillna(trials["last_reported_val_loss"])
     finite = value.dropna()
-    floor = finite.max() if len(finite) else 1.0
+    top = finite.max() if len(finite) else 1.0  # failed trials have no loss: drawn at the worst one seen
     for state, (color, marker) in STATE_STYLE.items():
         rows = trials[trials["state"] == state]
         if len(rows):
-            y = value[rows.index].fillna(floor) if state == "FAIL" else value[rows.index]
+            y = value[rows.index].fillna(top) if state == "FAIL" else value[rows.index]
             ax.scatter(rows.index, y, c=color, marker=marker, s=45, label=state.lower(), zorder=3)
     done = trials["best_val_loss"].where(trials["state"] == "COMPLETE")
-    ax.step(trials.index, done.cummin(), where="post", color="black", lw=1.5, label="best so far")
+    ax.step(trials.index, done.cummin().ffill(), where="post", color="black", lw=1.5, label="best so far")
     base = trials[trials["baseline"]]
     if len(base) and pd.notna(base["best_val_loss"].iloc[0]):
         ax.axhline(base["best_val_loss"].iloc[0], color="gray", ls="--", lw=1, label="baseline")

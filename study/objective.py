@@ -101,6 +101,7 @@ class Objective:
         if self._is_best_so_far(trial, result.best_val_loss):
             run.log_checkpoint(lambda d: save_checkpoint(d, result.model, self.corpus.tokenizer, result.config,
                                                          extra={"trial": trial.number, **result.summary()}))
+            trial.set_user_attr("checkpoint", True)
         run.end("COMPLETE")
         if self.objective == "loss-time":
             return result.best_val_loss, result.runtime_s
@@ -109,4 +110,4 @@ class Objective:
     @staticmethod
     def _is_best_so_far(trial: optuna.Trial, loss: float) -> bool:
         done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return all(loss < t.values[0] for t in done if t.values and math.isfinite(t.values[0]))
+        return all(loss <= t.values[0] for t in done if t.values and math.isfinite(t.values[0]))

@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not worker:
             summary = study_summary(study)
-            tracker.finish(summary, summary.get("best_run_id"), status)
+            tracker.finish(summary, summary.get("checkpoint_run_id"), status)
     if worker:
         return 130 if status == "KILLED" else 0
     print_summary(study, summary, p.tracking_uri, args)

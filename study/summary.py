@@ -60,6 +60,10 @@ def study_summary(study: optuna.Study) -> dict:
     if best is not None:
         summary.update(best_trial=best.number, best_val_loss=best.values[0], best_params=dict(best.params),
                        best_run_id=best.user_attrs.get("mlflow_run_id"))
+        # workers finishing at once can each miss being "best so far": take the best trial that saved one
+        saved = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("checkpoint")]
+        if saved:
+            summary["checkpoint_run_id"] = min(saved, key=lambda t: t.values[0]).user_attrs.get("mlflow_run_id")
     if base is not None and base.state == TrialState.COMPLETE:
         summary["baseline_val_loss"] = base.values[0]
         if best is not None:

@@ -170,7 +170,7 @@ class StudyTracker:
         self.client.log_batch(run_id, tags=[RunTag("optuna_state", state), RunTag("failure_reason", reason)])
         self.client.set_terminated(run_id, status)
 
-    def finish(self, summary: dict, best_run_id: str | None, status: str = "FINISHED") -> None:
+    def finish(self, summary: dict, checkpoint_run_id: str | None, status: str = "FINISHED") -> None:
         """End the parent run with the study summary and the best trial's checkpoint."""
         pid = self.parent_run_id
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
@@ -178,10 +178,10 @@ class StudyTracker:
                                             for k, v in numbers.items()],
                               tags=[RunTag(f"best.{k}", str(v)) for k, v in summary.get("best_params", {}).items()])
         self.client.log_dict(pid, summary, "study_summary.json")
-        if best_run_id:
+        if checkpoint_run_id:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    local = self.client.download_artifacts(best_run_id, "checkpoint", tmp)
+                    local = self.client.download_artifacts(checkpoint_run_id, "checkpoint", tmp)
                     self.client.log_artifacts(pid, local, "best_checkpoint")
                 except Exception as exc:  # the summary still stands without the checkpoint
                     print(f"warning: best trial's checkpoint not copied to the study run ({describe_error(exc)})",

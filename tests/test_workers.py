@@ -46,6 +46,9 @@ def test_two_workers_share_one_journal_study(workdir, corpus_file):
     study = load_study(workdir)
     assert_counts_match(study, MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), 5)
     assert {t.user_attrs["worker_index"] for t in study.trials} == {0, 1}
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (parent,) = parent_runs(client, "smoke-verse")
+    assert "best_checkpoint" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
 
 
