@@ -130,3 +130,11 @@ def test_help_names_every_preset_and_flag(capsys):
     out = capsys.readouterr().out
     assert "{gpu,cpu,smoke}" in out and "--n-layer" in out and "--workers" in out
     assert "--learning-rate" not in out  # searched, not fixed
+
+
+def test_resuming_with_another_setup_is_refused(workdir, corpus_file, capsys):
+    assert run_study("--trials", "1", "--data", corpus_file) == 0
+    assert run_study("--trials", "1", "--data", corpus_file, "--n-layer", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was created with another fixed" in err
+    assert len(load_study(workdir).trials) == 1
