@@ -134,6 +134,7 @@ def test_help_names_every_preset_and_flag(capsys):
 
 def test_resuming_with_another_setup_is_refused(workdir, corpus_file, capsys):
     assert run_study("--trials", "1", "--data", corpus_file) == 0
+    capsys.readouterr()
     assert run_study("--trials", "1", "--data", corpus_file, "--n-layer", "2") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "was created with another fixed" in err
