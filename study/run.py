@@ -116,10 +116,15 @@ def plan(args: argparse.Namespace) -> Plan:
     return Plan(preset, space, base, corpus, name, SampleSpec(prompt, args.sample_tokens, seed=args.seed), tracking_uri)
 
 
+def effective_pruner(args: argparse.Namespace) -> str:
+    """Optuna prunes single-objective studies only: a loss-time study runs every trial to the end."""
+    return args.pruner if len(OBJECTIVES[args.objective]) == 1 else "none"
+
+
 def open_study(args: argparse.Namespace, p: Plan, handler: StaleTrialHandler) -> optuna.Study:
     storage = make_storage(args.storage, args.heartbeat_interval, handler)
     directions = OBJECTIVES[args.objective]
-    pruner = make_pruner(args.pruner if len(directions) == 1 else "none", p.base.eval_interval,
+    pruner = make_pruner(effective_pruner(args), p.base.eval_interval,
                          max(values_of(p.space["max_iters"]) or [p.space["max_iters"].high]))
     study = optuna.create_study(storage=storage, study_name=p.study_name, directions=list(directions),
                                 pruner=pruner, load_if_exists=True)
@@ -157,7 +162,7 @@ def open_stores(args: argparse.Namespace, p: Plan, handler: StaleTrialHandler) -
         study = open_study(args, p, handler)
         tracker = StudyTracker(p.tracking_uri, p.study_name)
         tracker.open(study, {"preset": p.preset.name, "objective": args.objective, "sampler": args.sampler,
-                             "pruner": args.pruner if len(study.directions) == 1 else "none", "seed": args.seed,
+                             "pruner": effective_pruner(args), "seed": args.seed,
                              "corpus": p.corpus.name, "corpus_path": str(p.corpus.path),
                              "corpus_sha256": p.corpus.sha256, "storage": redact(args.storage or DEFAULT_JOURNAL),
                              **{f"base.{k}": v for k, v in asdict(p.base).items()}})
@@ -186,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"MLflow tracking at {redact(resolve_tracking_uri(args.tracking_uri))}: {first_line(exc)}", PROG)
     worker = args.worker_index is not None
     if not worker:
-        prune = args.pruner != "none" and len(study.directions) == 1
+        prune = effective_pruner(args) != "none"
         print(f"study {p.study_name}: +{args.trials} trials ({len(study.trials)} stored), preset {p.preset.name}, "
               f"{args.sampler} sampler, {'pruner ' + args.pruner if prune else 'no pruning'}, "
               f"objective {args.objective}; tracking {redact(p.tracking_uri)}", flush=True)
@@ -214,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_trials(args: argparse.Namespace, p: Plan, study: optuna.Study, tracker: StudyTracker,
                handler: StaleTrialHandler) -> bool:
     """This process's trials; False when interrupted by Ctrl-C."""
-    prune = args.pruner != "none" and len(study.directions) == 1
+    prune = effective_pruner(args) != "none"
     attrs = {} if args.worker_index is None else {"worker_index": args.worker_index, "launch_id": args.launch_id}
     objective = Objective(p.space, p.base, p.corpus, tracker, args.objective, p.sample, prune, handler, attrs)
     progress = Progress(args.trials, bar=args.worker_index is None,
