@@ -91,6 +91,10 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
     optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate,
                                   betas=(config.beta1, config.beta2), fused=cuda)
     compiled = config.compile if config.compile is not None else cuda
+    if compiled:
+        # Each network starts from an empty compile cache: a study worker trains many shapes in one process,
+        # and once dynamo's recompile limit (8 graphs per function) is reached it silently runs eager.
+        torch._dynamo.reset()
     forward = torch.compile(model) if compiled else model
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     B, T = config.batch_size, config.block_size

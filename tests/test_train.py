@@ -90,3 +90,18 @@ def test_samples_have_the_asked_length_vocabulary_and_are_seeded(corpus):
     assert set(text) <= set(corpus.tokenizer.vocab)
     assert sample_text(model, corpus.tokenizer, "All:", 50, seed=3) == text
     assert sample_text(model, corpus.tokenizer, "All:", 50, seed=4) != text
+
+
+def test_every_network_in_a_process_is_compiled(corpus, monkeypatch):
+    """A study worker trains many shapes in one process; the tenth must not fall back to eager silently."""
+    import functools
+
+    import torch._dynamo.utils as dynamo_utils
+
+    # dynamo's capture and recompile limit are what is tested: the eager backend skips code generation
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    graphs = dynamo_utils.counters["stats"]
+    for i, shape in enumerate([dict(n_embd=32), dict(n_embd=48), dict(block_size=8), dict(n_head=4)] * 3):
+        before = graphs["unique_graphs"]
+        train(tiny_config(compile=True, max_iters=4, eval_interval=2, eval_iters=1, **shape), corpus)
+        assert graphs["unique_graphs"] > before, f"network {i + 1} ran uncompiled"
