@@ -13,15 +13,11 @@ from typing import Sequence
 
 import torch
 
-from model.config import TrainConfig
+from model.config import NAMED, TrainConfig
 from model.data import load_corpus
 from model.gpt import GPT
 from model.train import _sync, resolve_device, train
 
-CONFIGS = {
-    "baby": TrainConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
-    "shakespeare-char": TrainConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2),
-}
 
 # dense bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -88,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from model.data import DataError
 
     parser = Parser(prog="python -m model.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=[*CONFIGS, "all"], default=None,
+    parser.add_argument("--config", choices=[*NAMED, "all"], default=None,
                         help="default: all on CUDA, baby elsewhere")
     parser.add_argument("--data", metavar="PATH", help="corpus (default: Tiny Shakespeare)")
     parser.add_argument("--device", default="auto")
@@ -102,12 +98,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         device = resolve_device(args.device)
         corpus = load_corpus(args.data)
-        configs = {name: CONFIGS[name].replace(device=args.device, compile=args.compile) for name in CONFIGS}
+        configs = {name: NAMED[name].replace(device=args.device, compile=args.compile) for name in NAMED}
         for config in configs.values():
             corpus.check_block_size(config.block_size)
     except (ConfigError, DataError) as exc:
         fail(str(exc), parser.prog)
-    names = [args.config] if args.config not in (None, "all") else list(CONFIGS)
+    names = [args.config] if args.config not in (None, "all") else list(NAMED)
     if args.config is None and device.type != "cuda":
         names = ["baby"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"

@@ -103,3 +103,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
+
+
+# nanoGPT's Tiny Shakespeare configurations: `--config NAME` of model.train and model.bench, and the baselines
+# of the study's presets.
+NAMED = {
+    "baby": TrainConfig(),  # the CPU recipe: the defaults
+    "shakespeare-char": TrainConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
+                                    max_iters=5000, eval_iters=200),
+}

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from model.config import ConfigError, TrainConfig
+from model.config import NAMED, ConfigError, TrainConfig
 from model.data import Corpus, get_batch
 from model.gpt import GPT
 
@@ -189,10 +189,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: Tiny Shakespeare, downloaded)")
     parser.add_argument("--out", metavar="DIR", help="write the final checkpoint to DIR/ckpt.pt")
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
+    parser.add_argument("--config", choices=list(NAMED), default="baby",
+                        help="starting configuration, changed by the flags below (default: baby, the CPU recipe)")
     add_config_flags(parser)
     args = parser.parse_args(argv)
     try:
-        config = TrainConfig(**config_overrides(args))
+        config = NAMED[args.config].replace(**config_overrides(args))
         resolve_device(config.device)
         corpus = load_corpus(args.data)
         corpus.check_block_size(config.block_size)

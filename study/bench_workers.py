@@ -22,15 +22,20 @@ learning_rate: {{choices: [{learning_rate}]}}
 """
 
 
-def run(workers: int, trials: int, preset: str, data: str | None) -> float:
+def pinned_space(preset: str) -> str:
+    """A YAML search space holding only the preset's baseline."""
     sys.path.insert(0, str(RUN_PY.parent.parent))
     from study.space import PRESETS
 
     base = PRESETS[preset].baseline
+    return SPACE.format(max_iters=base.max_iters, block_size=base.block_size, n_head=base.n_head,
+                        n_embd=base.n_embd, dropout=base.dropout, learning_rate=base.learning_rate)
+
+
+def run(workers: int, trials: int, preset: str, data: str | None) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         space = Path(tmp) / "space.yaml"
-        space.write_text(SPACE.format(max_iters=base.max_iters, block_size=base.block_size, n_head=base.n_head,
-                                      n_embd=base.n_embd, dropout=base.dropout, learning_rate=base.learning_rate))
+        space.write_text(pinned_space(preset))
         cmd = [sys.executable, str(RUN_PY), "--preset", preset, "--trials", str(trials), "--workers", str(workers),
                "--space", str(space), "--pruner", "none"]
         if data:
@@ -47,7 +52,8 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--data", help="corpus (default: Tiny Shakespeare)")
     args = parser.parse_args()
-    print(f"{args.trials} trials of the {args.preset} preset's baseline each, pruning off")
+    print(f"{args.trials} trials of the {args.preset} preset's baseline each, pruning off; "
+          "workers on one GPU share it, as --trials-per-gpu does")
     print(f"{'workers':>7} {'wall s':>8} {'trials/hour':>12}")
     for n in args.workers:
         seconds = run(n, args.trials, args.preset, args.data)

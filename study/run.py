@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from model.cli import Parser, add_config_flags, config_overrides, fail  # noqa: E402
 from model.config import ConfigError, TrainConfig  # noqa: E402
 from model.data import Corpus, DataError, load_corpus  # noqa: E402
+from model.train import resolve_device  # noqa: E402
 from study.objective import OBJECTIVES, Objective, SampleSpec  # noqa: E402
 from study.progress import Progress, print_summary  # noqa: E402
 from study.space import PRESETS, SEARCHED, Preset, SpaceError, check_space, load_space_file, values_of  # noqa: E402
@@ -59,7 +60,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-prompt", help="prompt for every trial's sample (default: 'ROMEO:' when the "
                         "corpus has those characters, else its first 8 characters)")
     parser.add_argument("--sample-tokens", type=int, default=500, help="characters per sample (default: 500)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
+    parser.add_argument("--workers", type=int, help="worker processes on this machine (default: 1)")
+    parser.add_argument("--trials-per-gpu", type=int, metavar="K", help="K worker processes per visible GPU, "
+                        "training K trials at once on each (instead of --workers)")
     parser.add_argument("--threads", type=int, help="CPU threads per worker (default: the cores split between "
                         "the workers)")
     parser.add_argument("--heartbeat-interval", type=int, default=60, metavar="SECONDS",
@@ -71,9 +74,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error(f"--trials must be at least 1, got {args.trials}")
-    for name in ("workers", "threads", "heartbeat_interval"):
+    for name in ("workers", "trials_per_gpu", "threads", "heartbeat_interval"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers and args.trials_per_gpu and args.worker_index is None:
+        parser.error("--workers and --trials-per-gpu both set the number of workers: give one")
     if args.timeout is not None and args.timeout <= 0:
         parser.error(f"--timeout must be positive, got {args.timeout}")
     if args.sample_tokens < 0:
@@ -92,6 +97,7 @@ class Plan:
     study_name: str
     sample: SampleSpec
     tracking_uri: str
+    workers: int
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -113,7 +119,20 @@ def plan(args: argparse.Namespace) -> Plan:
     check_storage_arg(args.storage)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking(tracking_uri)
-    return Plan(preset, space, base, corpus, name, SampleSpec(prompt, args.sample_tokens, seed=args.seed), tracking_uri)
+    return Plan(preset, space, base, corpus, name, SampleSpec(prompt, args.sample_tokens, seed=args.seed), tracking_uri,
+                worker_count(args, base))
+
+
+def worker_count(args: argparse.Namespace, base: TrainConfig) -> int:
+    """Worker processes for this run: --workers, or --trials-per-gpu times the visible GPUs."""
+    if args.worker_index is not None:
+        return 1  # a process the launcher started
+    if not args.trials_per_gpu:
+        return args.workers or 1
+    device = resolve_device(base.device)
+    if device.type != "cuda":
+        raise ConfigError(f"--trials-per-gpu needs CUDA, but trials train on {device.type}: use --workers")
+    return torch.cuda.device_count() * args.trials_per_gpu
 
 
 def effective_pruner(args: argparse.Namespace) -> str:
@@ -197,8 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"objective {args.objective}; tracking {redact(p.tracking_uri)}", flush=True)
     status = "FINISHED"
     try:
-        if args.workers > 1:
-            if not Launcher(argv, args.trials, args.workers, args.threads).run(study, handler):
+        if p.workers > 1:
+            if not Launcher(argv, args.trials, p.workers, args.threads).run(study, handler):
                 status = "KILLED"
         elif not run_trials(args, p, study, tracker, handler):
             status = "KILLED"

@@ -64,7 +64,10 @@ class Launcher:
         for index, share in plan.items():
             if share:
                 self.spawn(index, share)
-        print(f"{len(self.procs)} workers, {self.threads} CPU threads each, trials {list(plan.values())}", flush=True)
+        gpus = torch.cuda.device_count()
+        where = f"{min(gpus, self.workers)} GPU{'s' * (gpus > 1)}, " if gpus else ""
+        print(f"{len(self.procs)} workers on {where}{self.threads} CPU threads each, trials {list(plan.values())}",
+              flush=True)
         try:
             while self.procs:
                 time.sleep(0.5)

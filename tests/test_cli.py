@@ -91,3 +91,14 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     proc = run_module("model.train", "--data", str(tmp_path / "absent.txt"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"python -m model.train: error: {tmp_path / 'absent.txt'}: no such file"
+
+
+def test_a_named_config_is_the_start_and_flags_change_it(text_file, tmp_path, capsys):
+    from model.checkpoint import load_checkpoint
+
+    out = tmp_path / "ck"
+    train_cli.main(["--config", "shakespeare-char", "--data", str(text_file), *TINY, "--max-iters", "2",
+                    "--out", str(out)])
+    config = load_checkpoint(out)[2]["train_config"]
+    assert (config["dropout"], config["eval_iters"], config["max_iters"]) == (0.2, 2, 2)  # named, flag, flag
+    assert (config["n_layer"], config["n_embd"], config["block_size"]) == (1, 16, 16)

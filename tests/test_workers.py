@@ -52,6 +52,24 @@ def test_two_workers_share_one_journal_study(workdir, corpus_file):
     assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
 
 
+def test_a_trial_trains_the_same_alone_or_beside_other_workers(workdir, corpus_file, tmp_path):
+    """Workers share a device, never a trial's settings or seeds: one configuration gives one result."""
+    from study.bench_workers import pinned_space
+
+    space = tmp_path / "pinned.yaml"
+    space.write_text(pinned_space("smoke"))
+    for name, workers in (("alone", "1"), ("together", "2")):
+        proc = subprocess.run(study_cmd(corpus_file, "--study-name", name, "--trials", workers, "--workers", workers,
+                                        "--threads", "1", "--space", str(space)),
+                              cwd=workdir, env=env_without_tracking(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    (alone,) = load_study(workdir, "alone").trials
+    together = load_study(workdir, "together").trials
+    assert len({t.user_attrs["worker_pid"] for t in together}) == 2
+    assert all(t.params == alone.params for t in together)
+    assert [t.value for t in together] == [alone.value] * 2
+
+
 def test_fresh_stores_touched_by_three_processes_at_once(workdir, corpus_file):
     procs = [subprocess.Popen(study_cmd(corpus_file, "--trials", "1"), cwd=workdir, env=env_without_tracking(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
