@@ -20,19 +20,22 @@ from model.train import _sync, resolve_device, train
 
 
 # dense bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-              "L4": 121e12, "A10G": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+# (the first match wins: longer names before the names they contain)
+PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12,
+              "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+def peak_flops(device_name: str) -> float | None:
+    """The bf16 peak of a GPU named as torch.cuda.get_device_name() names it; None when unknown."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
 
 
 def flops_per_iter(config: TrainConfig, n_params: int) -> float:
-    """Forward+backward FLOPs of one step (PaLM appendix B): 6 per parameter per token plus attention."""
+    """Forward+backward FLOPs of one step (PaLM appendix B): 6 per parameter per token plus attention.
+
+    Attention counts the whole T x T score matrix, as nanoGPT and PaLM do, though a causal kernel skips half.
+    """
     L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
     n_matmul = n_params - T * config.n_embd  # position embeddings are a lookup, not a matmul
     return (6 * n_matmul + 12 * L * H * Q * T) * T * config.batch_size
@@ -56,6 +59,8 @@ def bare_loop_tokens_per_s(config: TrainConfig, vocab_size: int, iters: int, war
         with autocast:
             _, loss = forward(x, y)
         loss.backward()
+        if config.grad_clip > 0:  # part of the step, as in train(): not loop overhead
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     _sync(device)
@@ -72,7 +77,7 @@ def bench(name: str, config: TrainConfig, corpus, iters: int, repeats: int) -> N
         bare.append(bare_loop_tokens_per_s(cfg, corpus.vocab_size, iters, warmup=3))
     tok_s, bare_tok_s = statistics.median(loop), statistics.median(bare)
     tokens_per_iter = cfg.batch_size * cfg.block_size
-    peak = peak_flops(device)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     mfu = f"{flops_per_iter(cfg, result.n_params) * tok_s / tokens_per_iter / peak:6.1%}" if peak else "   n/a"
     print(f"{name:<17} {result.n_params / 1e6:6.2f}M  {device.type:<5} {1000 * tokens_per_iter / tok_s:9.2f} "
           f"{tok_s:12,.0f} {mfu}  {bare_tok_s:12,.0f} {tok_s / bare_tok_s:8.3f}", flush=True)

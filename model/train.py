@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -35,8 +36,9 @@ class TrainResult:
     val_loss: float  # at the last step
     best_val_loss: float
     train_loss: float
-    runtime_s: float  # the whole loop, evals included
+    runtime_s: float  # the whole loop, evals included, startup excluded: what this configuration costs to train
     tokens_per_s: float  # training steps only: evals and the first (warm-up) step excluded
+    startup_s: float  # compilation and first allocations: the first step's and first eval's time beyond the others
     n_params: int
     iters: int
     device: str
@@ -44,7 +46,8 @@ class TrainResult:
     model: GPT | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict:
-        keys = ("val_loss", "best_val_loss", "train_loss", "runtime_s", "tokens_per_s", "n_params", "iters", "device")
+        keys = ("val_loss", "best_val_loss", "train_loss", "runtime_s", "startup_s", "tokens_per_s", "n_params",
+                "iters", "device")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -74,14 +77,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def startup_s(first_step_s: float, step_s: float, eval_times: list[float]) -> float:
+    """One-off time: the first step and the first eval beyond an ordinary one (compiling their graphs, mostly).
+
+    Kept out of runtime_s, so that a trial's runtime measures its configuration, not the state of compile caches.
+    """
+    extra = max(0.0, first_step_s - step_s)
+    if len(eval_times) > 1:
+        extra += max(0.0, eval_times[0] - statistics.median(eval_times[1:]))
+    return extra
+
+
 def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = ()) -> TrainResult:
     corpus.check_block_size(config.block_size)
     device = resolve_device(config.device)
     cuda = device.type == "cuda"
     torch.manual_seed(config.seed)  # weights and dropout
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # whatever runs outside bf16 autocast
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
 
     # the corpus lives on the device and batches are drawn there: no host copies per step
     data = corpus.to(device)
@@ -118,6 +132,7 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
     history: list[dict] = []
     best_val = math.inf
     train_time, timed_steps, seg_steps = 0.0, 0, 0
+    eval_times: list[float] = []
     loop_start = time.perf_counter()
     seg_start = first_step_s = None
     x, y = get_batch(data.train, T, B, train_gen)
@@ -148,7 +163,9 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
         train_time += time.perf_counter() - seg_start
         timed_steps += seg_steps
         last_loss = loss.item()
-        metrics = estimate_loss()
+        eval_start = time.perf_counter()
+        metrics = estimate_loss()  # ends in .item(): synchronised
+        eval_times.append(time.perf_counter() - eval_start)
         if not all(math.isfinite(v) for v in (last_loss, *metrics.values())):
             raise TrainingDiverged(f"loss became non-finite by step {step} "
                                    f"(batch loss {last_loss}, val loss {metrics['val_loss']})")
@@ -162,9 +179,10 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
         seg_start, seg_steps = time.perf_counter(), 0
 
     last = history[-1]
+    startup = startup_s(first_step_s, train_time / timed_steps if timed_steps else 0.0, eval_times)
     result = TrainResult(config=config, val_loss=last["val_loss"], best_val_loss=best_val,
-                         train_loss=last["train_loss"], runtime_s=time.perf_counter() - loop_start,
-                         tokens_per_s=last["tokens_per_s"], n_params=model.num_params(),
+                         train_loss=last["train_loss"], runtime_s=time.perf_counter() - loop_start - startup,
+                         tokens_per_s=last["tokens_per_s"], startup_s=startup, n_params=model.num_params(),
                          iters=config.max_iters, device=str(device), history=history, model=model)
     for cb in callbacks:
         if hasattr(cb, "on_train_end"):
@@ -211,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{parser.prog}: error: training diverged: {exc}", file=sys.stderr)
         raise SystemExit(1)
     print(f"done: val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f}), {result.n_params:,} parameters, "
-          f"{result.runtime_s:.1f} s, {result.tokens_per_s:,.0f} tokens/s on {result.device}")
+          f"{result.runtime_s:.1f} s (+{result.startup_s:.1f} s startup), {result.tokens_per_s:,.0f} tokens/s "
+          f"on {result.device}")
     if args.out:
         path = save_checkpoint(args.out, result.model, corpus.tokenizer, config, extra=result.summary())
         print(f"checkpoint: {path}")

@@ -88,15 +88,12 @@ class Objective:
                 run.log_text(format_traceback(exc), "error.txt")
                 run.end("FAIL", reason)
             raise
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # the next trial may need a different shape of memory
 
     def _finish(self, trial: optuna.Trial, run, result) -> float | tuple[float, float]:
         text = sample_text(result.model, self.corpus.tokenizer, self.sample.prompt, self.sample.max_new_tokens,
                            self.sample.temperature, self.sample.top_k, self.sample.seed)
         run.log_text(text, "sample.txt")
-        for key in ("runtime_s", "tokens_per_s", "n_params", "train_loss", "val_loss"):
+        for key in ("runtime_s", "startup_s", "tokens_per_s", "n_params", "train_loss", "val_loss"):
             trial.set_user_attr(key, getattr(result, key))
         if self._is_best_so_far(trial, result.best_val_loss):
             run.log_checkpoint(lambda d: save_checkpoint(d, result.model, self.corpus.tokenizer, result.config,
@@ -111,3 +108,13 @@ class Objective:
     def _is_best_so_far(trial: optuna.Trial, loss: float) -> bool:
         done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return all(loss <= t.values[0] for t in done if t.values and math.isfinite(t.values[0]))
+
+
+def release_gpu_memory(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Study callback: hand the finished trial's cached GPU memory back to the driver.
+
+    Optuna calls it after collecting the trial's garbage (a failed trial's traceback holds its tensors until then),
+    so workers sharing the GPU (--trials-per-gpu) can use what this one no longer needs.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

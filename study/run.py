@@ -24,7 +24,7 @@ from model.cli import Parser, add_config_flags, config_overrides, fail  # noqa: 
 from model.config import ConfigError, TrainConfig  # noqa: E402
 from model.data import Corpus, DataError, load_corpus  # noqa: E402
 from model.train import resolve_device  # noqa: E402
-from study.objective import OBJECTIVES, Objective, SampleSpec  # noqa: E402
+from study.objective import OBJECTIVES, Objective, SampleSpec, release_gpu_memory  # noqa: E402
 from study.progress import Progress, print_summary  # noqa: E402
 from study.space import PRESETS, SEARCHED, Preset, SpaceError, check_space, load_space_file, values_of  # noqa: E402
 from study.recovery import StaleTrialHandler, recover_dead_workers  # noqa: E402
@@ -245,7 +245,7 @@ def run_trials(args: argparse.Namespace, p: Plan, study: optuna.Study, tracker: 
                         prefix="" if args.worker_index is None else f"[worker {args.worker_index}] ")
     try:
         study.optimize(objective, n_trials=args.trials, timeout=args.timeout, catch=(Exception,),
-                       callbacks=[progress], gc_after_trial=True)
+                       callbacks=[release_gpu_memory, progress], gc_after_trial=True)
     except KeyboardInterrupt:
         return False
     finally:

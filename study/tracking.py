@@ -87,7 +87,7 @@ class TrialRun:
     def on_train_end(self, result) -> None:
         ts = _now_ms()
         final = {"best_val_loss": result.best_val_loss, "final_val_loss": result.val_loss,
-                 "final_train_loss": result.train_loss, "runtime_s": result.runtime_s,
+                 "final_train_loss": result.train_loss, "runtime_s": result.runtime_s, "startup_s": result.startup_s,
                  "final_tokens_per_s": result.tokens_per_s}
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, result.iters) for k, v in final.items()])
 

@@ -24,9 +24,14 @@ def shares(trials: int, workers: int) -> list[int]:
     return [trials // workers + (i < trials % workers) for i in range(workers)]
 
 
-def worker_env(index: int) -> dict:
-    """Round-robin GPUs when there are several; on one GPU or the CPU the workers share it."""
+def worker_env(index: int, threads: int) -> dict:
+    """Round-robin GPUs when there are several; on one GPU or the CPU the workers share it.
+
+    torch.compile's code generation uses as many processes as there are cores unless told otherwise:
+    each worker gets its share, as for training threads.
+    """
     env = os.environ.copy()
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
     gpus = torch.cuda.device_count()
     if gpus > 1:
         visible = env.get("CUDA_VISIBLE_DEVICES")
@@ -52,7 +57,7 @@ class Launcher:
     def spawn(self, index: int, share: int) -> None:
         cmd = [sys.executable, str(RUN_PY), *self.argv, "--trials", str(share), "--workers", "1",
                "--worker-index", str(index), "--launch-id", self.launch_id, "--threads", str(self.threads)]
-        self.procs[index] = subprocess.Popen(cmd, env=worker_env(index))
+        self.procs[index] = subprocess.Popen(cmd, env=worker_env(index, self.threads))
 
     def run(self, study: optuna.Study, handler: StaleTrialHandler) -> bool:
         """Start the workers and wait; a worker that dies is replaced for the rest of its share.

@@ -102,3 +102,26 @@ def test_a_named_config_is_the_start_and_flags_change_it(text_file, tmp_path, ca
     config = load_checkpoint(out)[2]["train_config"]
     assert (config["dropout"], config["eval_iters"], config["max_iters"]) == (0.2, 2, 2)  # named, flag, flag
     assert (config["n_layer"], config["n_embd"], config["block_size"]) == (1, 16, 16)
+
+
+def test_bench_prints_throughput_and_loop_overhead(text_file):
+    proc = run_module("model.bench", "--data", str(text_file), "--device", "cpu", "--iters", "3", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr
+    header, row = proc.stdout.splitlines()[1:3]
+    assert header.split()[:4] == ["config", "params", "dev", "ms/iter"]
+    name, params, device, ms, tokens_per_s, mfu, bare, ratio = row.split()
+    assert (name, params, device, mfu) == ("baby", "0.80M", "cpu", "n/a")  # no bf16 peak for a CPU
+    assert float(ms) > 0 and float(tokens_per_s.replace(",", "")) > 0 and 0 < float(ratio) < 2
+
+
+def test_mfu_accounting_follows_nanogpt():
+    from model.bench import flops_per_iter, peak_flops
+    from model.config import NAMED
+
+    # 6 FLOPs per matmul parameter (position embeddings excluded) and token, plus 12 L H Q T for attention
+    expected = (6 * (10_745_088 - 256 * 384) + 12 * 6 * 6 * 64 * 256) * 64 * 256
+    assert flops_per_iter(NAMED["shakespeare-char"], 10_745_088) == expected
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("NVIDIA A10") == 125e12
+    assert peak_flops("NVIDIA L40") == 181e12 and peak_flops("NVIDIA L40S") == 362e12
+    assert peak_flops("Some Future GPU") is None

@@ -105,3 +105,26 @@ def test_every_network_in_a_process_is_compiled(corpus, monkeypatch):
         before = graphs["unique_graphs"]
         train(tiny_config(compile=True, max_iters=4, eval_interval=2, eval_iters=1, **shape), corpus)
         assert graphs["unique_graphs"] > before, f"network {i + 1} ran uncompiled"
+
+
+def test_compilation_is_startup_not_runtime(corpus, monkeypatch):
+    """A trial's runtime is what its configuration costs; a slow first compile must not inflate it."""
+    import time
+
+    def slow_first_call_compile(model):
+        compiled = set()
+
+        def forward(*args):  # like dynamo: one graph for training, another for evals (no grad)
+            if torch.is_grad_enabled() not in compiled:
+                compiled.add(torch.is_grad_enabled())
+                time.sleep(0.5)
+            return model(*args)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", slow_first_call_compile)
+    start = time.perf_counter()
+    result = train(tiny_config(compile=True, max_iters=20, eval_interval=5), corpus)
+    wall = time.perf_counter() - start
+    assert result.startup_s >= 0.9
+    assert result.runtime_s <= wall - 0.9
+    assert result.summary()["startup_s"] == result.startup_s
