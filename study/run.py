@@ -124,7 +124,7 @@ def plan(args: argparse.Namespace) -> Plan:
 
 
 def worker_count(args: argparse.Namespace, base: TrainConfig) -> int:
-    """Worker processes for this run: --workers, or --trials-per-gpu times the visible GPUs."""
+    """Worker processes for this run: --workers, or --trials-per-gpu times the GPUs in use (one for --device cuda:N)."""
     if args.worker_index is not None:
         return 1  # a process the launcher started
     if not args.trials_per_gpu:
@@ -132,7 +132,7 @@ def worker_count(args: argparse.Namespace, base: TrainConfig) -> int:
     device = resolve_device(base.device)
     if device.type != "cuda":
         raise ConfigError(f"--trials-per-gpu needs CUDA, but trials train on {device.type}: use --workers")
-    return torch.cuda.device_count() * args.trials_per_gpu
+    return args.trials_per_gpu * (1 if device.index is not None else torch.cuda.device_count())
 
 
 def effective_pruner(args: argparse.Namespace) -> str:
@@ -217,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = "FINISHED"
     try:
         if p.workers > 1:
-            if not Launcher(argv, args.trials, p.workers, args.threads).run(study, handler):
+            spread = resolve_device(p.base.device).index is None  # --device cuda:N keeps every worker on GPU N
+            if not Launcher(argv, args.trials, p.workers, args.threads, spread).run(study, handler):
                 status = "KILLED"
         elif not run_trials(args, p, study, tracker, handler):
             status = "KILLED"

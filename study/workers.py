@@ -24,8 +24,8 @@ def shares(trials: int, workers: int) -> list[int]:
     return [trials // workers + (i < trials % workers) for i in range(workers)]
 
 
-def worker_env(index: int, threads: int) -> dict:
-    """Round-robin GPUs when there are several; on one GPU or the CPU the workers share it.
+def worker_env(index: int, threads: int, spread_gpus: bool = True) -> dict:
+    """Round-robin GPUs when there are several (unless told not to); on one GPU or the CPU the workers share it.
 
     torch.compile's code generation uses as many processes as there are cores unless told otherwise:
     each worker gets its share, as for training threads.
@@ -33,7 +33,7 @@ def worker_env(index: int, threads: int) -> dict:
     env = os.environ.copy()
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
     gpus = torch.cuda.device_count()
-    if gpus > 1:
+    if gpus > 1 and spread_gpus:
         visible = env.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(g) for g in range(gpus)]
         env["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
@@ -48,8 +48,8 @@ def done_by(study: optuna.Study, launch_id: str, index: int) -> int:
 
 
 class Launcher:
-    def __init__(self, argv: list[str], trials: int, workers: int, threads: int | None):
-        self.argv, self.trials, self.workers = argv, trials, workers
+    def __init__(self, argv: list[str], trials: int, workers: int, threads: int | None, spread_gpus: bool = True):
+        self.argv, self.trials, self.workers, self.spread_gpus = argv, trials, workers, spread_gpus
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.launch_id = uuid.uuid4().hex[:12]
         self.procs: dict[int, subprocess.Popen] = {}
@@ -57,7 +57,7 @@ class Launcher:
     def spawn(self, index: int, share: int) -> None:
         cmd = [sys.executable, str(RUN_PY), *self.argv, "--trials", str(share), "--workers", "1",
                "--worker-index", str(index), "--launch-id", self.launch_id, "--threads", str(self.threads)]
-        self.procs[index] = subprocess.Popen(cmd, env=worker_env(index, self.threads))
+        self.procs[index] = subprocess.Popen(cmd, env=worker_env(index, self.threads, self.spread_gpus))
 
     def run(self, study: optuna.Study, handler: StaleTrialHandler) -> bool:
         """Start the workers and wait; a worker that dies is replaced for the rest of its share.
@@ -69,8 +69,8 @@ class Launcher:
         for index, share in plan.items():
             if share:
                 self.spawn(index, share)
-        gpus = torch.cuda.device_count()
-        where = f"{min(gpus, self.workers)} GPU{'s' * (gpus > 1)}, " if gpus else ""
+        gpus = min(torch.cuda.device_count(), self.workers) if self.spread_gpus else 1
+        where = f"{gpus} GPU{'s' * (gpus > 1)}, " if torch.cuda.is_available() else ""
         print(f"{len(self.procs)} workers on {where}{self.threads} CPU threads each, trials {list(plan.values())}",
               flush=True)
         try:

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from model.config import TrainConfig
 from study.recovery import STALE_ATTR
 from study_helpers import child_runs, fresh_postgres_database, load_study, parent_runs, run_study, start_mlflow_server
 
@@ -199,3 +201,21 @@ def test_heartbeat_stale_trial_is_closed_in_mlflow_and_requeued(workdir, corpus_
     assert trials[1].state == TrialState.WAITING
     assert trials[1].system_attrs["fixed_params"] == trials[0].params
     assert tracker.client.get_run(run.run_id).info.status == "KILLED"
+
+
+def test_trials_per_gpu_places_k_workers_on_each_gpu(monkeypatch):
+    """On a (simulated) 4-GPU machine: K workers per GPU, round-robin; --device cuda:N keeps them all on GPU N."""
+    from study import run as study_run
+    from study.workers import worker_env
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    args = study_run.parse_args(["--trials-per-gpu", "2"])
+    assert study_run.worker_count(args, TrainConfig(device="auto")) == 8
+    assert study_run.worker_count(args, TrainConfig(device="cuda:1")) == 2
+    assert [worker_env(i, threads=2)["CUDA_VISIBLE_DEVICES"] for i in range(8)] == list("01230123")
+    assert "CUDA_VISIBLE_DEVICES" not in worker_env(5, threads=2, spread_gpus=False)
+    assert worker_env(0, threads=2)["TORCHINDUCTOR_COMPILE_THREADS"] == "2"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert [worker_env(i, threads=2)["CUDA_VISIBLE_DEVICES"] for i in range(5)] == ["4", "5", "6", "7", "4"]
