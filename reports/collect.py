@@ -1,7 +1,6 @@
 """Read a study back: its Optuna trials, their MLflow runs, loss curves and samples."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,13 +9,12 @@ import pandas as pd
 from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
+from study.objective import TRIAL_ATTRS
 from study.space import SEARCHED
 from study.storage import DEFAULT_JOURNAL, make_storage
-from study.summary import baseline_trial, best_trial
+from study.summary import baseline_trial, best_trial, completed_trials
 from study.tracking import PARENT_RUN_ATTR, redact
 
-# Per-trial figures the objective stores on each completed trial (Optuna user attributes).
-TRIAL_ATTRS = ("train_loss", "val_loss", "runtime_s", "tokens_per_s", "n_params")
 
 
 class ReportError(ValueError):
@@ -35,8 +33,7 @@ class StudyData:
         return len(self.study.directions) > 1
 
     def completed(self) -> list[FrozenTrial]:
-        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.values and math.isfinite(t.values[0])]
+        return completed_trials(self.study)
 
     def baseline(self) -> FrozenTrial | None:
         return baseline_trial(self.study)

@@ -139,8 +139,7 @@ def build(data: StudyData, args, out: Path, corpus) -> Report:
     if table is not None:
         report.table(table)
     else:
-        state = baseline.state.name if baseline else "missing"
-        report.paragraph(f"The baseline trial is {state}: no before/after comparison yet.")
+        report.paragraph(missing)
     if confirmation:
         report.heading(f"Confirmation over {args.confirm_seeds} fresh seeds")
         report.table(confirmation["summary"])

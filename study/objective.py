@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import optuna
 import torch
-from optuna.trial import TrialState
 
 from model.checkpoint import save_checkpoint
 from model.config import TrainConfig
@@ -17,9 +15,12 @@ from model.sample import sample_text
 from model.train import resolve_device, train
 from study.recovery import StaleTrialHandler, mark_worker, recover_dead_workers
 from study.space import suggest_params
+from study.summary import completed_trials
 from study.tracking import StudyTracker, code_version, describe_error, format_traceback
 
 OBJECTIVES = {"loss": ("minimize",), "loss-time": ("minimize", "minimize")}
+# Figures of a completed trial kept as Optuna user attributes (the report reads them back).
+TRIAL_ATTRS = ("train_loss", "val_loss", "runtime_s", "startup_s", "tokens_per_s", "n_params")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Objective:
         text = sample_text(result.model, self.corpus.tokenizer, self.sample.prompt, self.sample.max_new_tokens,
                            self.sample.temperature, self.sample.top_k, self.sample.seed)
         run.log_text(text, "sample.txt")
-        for key in ("runtime_s", "startup_s", "tokens_per_s", "n_params", "train_loss", "val_loss"):
+        for key in TRIAL_ATTRS:
             trial.set_user_attr(key, getattr(result, key))
         if self._is_best_so_far(trial, result.best_val_loss):
             run.log_checkpoint(lambda d: save_checkpoint(d, result.model, self.corpus.tokenizer, result.config,
@@ -106,8 +107,7 @@ class Objective:
 
     @staticmethod
     def _is_best_so_far(trial: optuna.Trial, loss: float) -> bool:
-        done = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return all(loss <= t.values[0] for t in done if t.values and math.isfinite(t.values[0]))
+        return all(loss <= t.values[0] for t in completed_trials(trial.study))
 
 
 def release_gpu_memory(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -217,8 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = "FINISHED"
     try:
         if p.workers > 1:
-            spread = resolve_device(p.base.device).index is None  # --device cuda:N keeps every worker on GPU N
-            if not Launcher(argv, args.trials, p.workers, args.threads, spread).run(study, handler):
+            if not Launcher(argv, args.trials, p.workers, args.threads, p.base.device).run(study, handler):
                 status = "KILLED"
         elif not run_trials(args, p, study, tracker, handler):
             status = "KILLED"

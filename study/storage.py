@@ -12,7 +12,7 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
-from study.tracking import redact
+from study.tracking import first_line, redact
 
 DEFAULT_JOURNAL = "optuna.journal"
 SAMPLERS = ("tpe", "random", "gp", "cmaes")
@@ -25,12 +25,11 @@ class StorageError(ValueError):
 
 def check_storage_arg(url: str | None) -> None:
     """Refuse what can be refused without touching the store, so a bad argument creates nothing."""
-    if url is None or "://" in url:
-        if url and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).parent.is_dir():
-            raise StorageError(f"--storage {url}: directory {Path(url.removeprefix('sqlite:///')).parent} does not exist")
+    if url is None or ("://" in url and not url.startswith("sqlite:///")):
         return
-    if not Path(url).parent.is_dir():
-        raise StorageError(f"--storage {url}: directory {Path(url).parent} does not exist")
+    directory = Path(url.removeprefix("sqlite:///")).parent
+    if not directory.is_dir():
+        raise StorageError(f"--storage {url}: directory {directory} does not exist")
 
 
 def make_storage(url: str | None, heartbeat_interval: int | None = None, stale_callback=None) -> BaseStorage:
@@ -55,8 +54,7 @@ def make_storage(url: str | None, heartbeat_interval: int | None = None, stale_c
     except ImportError as exc:
         raise StorageError(f"--storage {redact(url)}: database driver missing ({exc})") from None
     except Exception as exc:  # sqlalchemy's connection and URL errors have no common base worth naming
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StorageError(f"--storage {redact(url)}: cannot connect ({redact(reason)[:300]})") from None
+        raise StorageError(f"--storage {redact(url)}: cannot connect ({redact(first_line(exc))[:300]})") from None
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:

@@ -38,11 +38,15 @@ def comparison_table(baseline: FrozenTrial, best: FrozenTrial, pareto: list[Froz
     return table
 
 
+def completed_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials with a finite val loss."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values and math.isfinite(t.values[0])]
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """Lowest val loss among completed trials (for a loss-time study too: its most accurate Pareto point)."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values and math.isfinite(t.values[0])]
-    return min(done, key=lambda t: t.values[0], default=None)
+    return min(completed_trials(study), key=lambda t: t.values[0], default=None)
 
 
 def baseline_trial(study: optuna.Study) -> FrozenTrial | None:

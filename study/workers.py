@@ -48,8 +48,9 @@ def done_by(study: optuna.Study, launch_id: str, index: int) -> int:
 
 
 class Launcher:
-    def __init__(self, argv: list[str], trials: int, workers: int, threads: int | None, spread_gpus: bool = True):
-        self.argv, self.trials, self.workers, self.spread_gpus = argv, trials, workers, spread_gpus
+    def __init__(self, argv: list[str], trials: int, workers: int, threads: int | None, device: str = "auto"):
+        self.argv, self.trials, self.workers = argv, trials, workers
+        self.spread_gpus = ":" not in device  # --device cuda:N keeps every worker on GPU N
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self.launch_id = uuid.uuid4().hex[:12]
         self.procs: dict[int, subprocess.Popen] = {}
