@@ -103,6 +103,7 @@ class Plan:
 def plan(args: argparse.Namespace) -> Plan:
     preset = PRESETS[args.preset]
     base = preset.baseline.replace(**{**config_overrides(args), "seed": args.seed})
+    resolve_device(base.device)  # a device this machine lacks fails here, not in every trial
     space = load_space_file(args.space, preset) if args.space else dict(preset.space)
     check_space(space, base)
     corpus = load_corpus(args.data)

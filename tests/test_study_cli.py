@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--storage", "postgresql://study:s3cret@127.0.0.1:{port}/optuna"], "cannot connect"),
     (["--storage", "sqlite:///{tmp}/missing/dir/optuna.db"], "does not exist"),
     (["--tracking-uri", "http://127.0.0.1:{port}"], "MLflow server unreachable"),
+    (["--device", "cuda"], "device 'cuda' requested but CUDA is not available"),
     (["--trials-per-gpu", "2"], "--trials-per-gpu needs CUDA, but trials train on cpu: use --workers"),
     (["--trials-per-gpu", "0"], "--trials-per-gpu must be at least 1, got 0"),
     (["--workers", "2", "--trials-per-gpu", "2"], "--workers and --trials-per-gpu both set the number of workers"),
