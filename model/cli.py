@@ -57,3 +57,41 @@ def config_overrides(args: argparse.Namespace, cls=TrainConfig) -> dict:
     """The config fields the user set on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def options_namespace(parser: argparse.ArgumentParser, **options) -> argparse.Namespace:
+    """The namespace a command line would give, from keyword arguments named as the flags' dests.
+
+    What the Python API uses in place of parsing, so it takes exactly the CLI's options and defaults.
+    """
+    actions = {act.dest: act for act in parser._actions if act.help != argparse.SUPPRESS and act.dest != "help"}
+    unknown = sorted(set(options) - set(actions))
+    if unknown:
+        raise TypeError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
+                        f"(options: {', '.join(sorted(actions))})")
+    missing = [dest for dest, act in actions.items() if act.required and dest not in options]
+    if missing:
+        raise TypeError(f"missing option{'s' * (len(missing) > 1)} {', '.join(missing)}")
+    for dest, value in options.items():
+        kind = actions[dest].type
+        if value is not None and kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                           or (kind is int and not isinstance(value, int))):
+            raise TypeError(f"option {dest} must be {kind.__name__}, got {value!r}")
+    defaults = {act.dest: act.default for act in parser._actions if act.dest != "help"}
+    return argparse.Namespace(**{**defaults, **options})
+
+
+def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The command line that parses back to args (hidden flags and defaults left out)."""
+    argv = []
+    for act in parser._actions:
+        if not act.option_strings or act.help == argparse.SUPPRESS:
+            continue
+        value = getattr(args, act.dest, None)
+        if value is None or value == act.default:
+            continue
+        if isinstance(act, argparse.BooleanOptionalAction):
+            argv.append(act.option_strings[0] if value else act.option_strings[1])
+        else:
+            argv += [act.option_strings[0], str(value)]
+    return argv

@@ -86,8 +86,9 @@ class TrainConfig:
             raise ConfigError("weight_decay and grad_clip must be >= 0")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.device.split(":")[0] not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}")
+        kind, _, index = self.device.partition(":")
+        if kind not in DEVICES or (":" in self.device and (kind != "cuda" or not index.isdigit())):
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
 
     @property
     def min_lr(self) -> float:

@@ -30,6 +30,19 @@ class Callback(Protocol):
     def on_train_end(self, result: TrainResult) -> None: ...
 
 
+# A run's outcome, named once: these names are the MLflow metrics, the Optuna user attributes, the columns of
+# trials.csv and comparison.csv, and the rows of the report, so one quantity reads the same everywhere.
+OUTCOME = {
+    "best_val_loss": "lowest val loss over the evals (what a study minimises)",
+    "val_loss": "val loss at the last step",
+    "train_loss": "train loss at the last step",
+    "runtime_s": "seconds of training and evals, startup excluded",
+    "startup_s": "seconds of compilation and first allocations",
+    "tokens_per_s": "training throughput, evals and the first step excluded",
+    "n_params": "parameters of the network",
+}
+
+
 @dataclass
 class TrainResult:
     config: TrainConfig
@@ -45,10 +58,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one entry per eval: step + metrics
     model: GPT | None = field(default=None, repr=False, compare=False)
 
+    def outcome(self) -> dict:
+        """The OUTCOME record of this run."""
+        return {k: getattr(self, k) for k in OUTCOME}
+
     def summary(self) -> dict:
-        keys = ("val_loss", "best_val_loss", "train_loss", "runtime_s", "startup_s", "tokens_per_s", "n_params",
-                "iters", "device")
-        return {k: getattr(self, k) for k in keys}
+        return {**self.outcome(), "iters": self.iters, "device": self.device}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,6 +73,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' requested but MPS is not available")
     return torch.device(name)

@@ -7,12 +7,10 @@ from pathlib import Path
 import optuna
 import pandas as pd
 from mlflow import MlflowClient
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
-from study.objective import TRIAL_ATTRS
-from study.space import SEARCHED
 from study.storage import DEFAULT_JOURNAL, make_storage
-from study.summary import baseline_trial, best_trial, completed_trials
+from study.summary import baseline_trial, best_trial, completed_trials, trials_table
 from study.tracking import PARENT_RUN_ATTR, redact
 
 
@@ -66,26 +64,6 @@ def open_tracking(tracking_uri: str) -> MlflowClient:
         raise ReportError(f"no MLflow database at {tracking_uri.removeprefix('sqlite:///')}: "
                           "run from the study's directory or pass --tracking-uri")
     return MlflowClient(tracking_uri)
-
-
-def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: state, objective value(s), the six hyperparameters, figures, failure reason."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        last = t.intermediate_values.get(t.last_step) if t.last_step is not None else None
-        row = {"number": t.number, "state": t.state.name, "baseline": bool(t.user_attrs.get("baseline", False)),
-               # Optuna stores a pruned trial's last report as its value: only completed trials have a best
-               "best_val_loss": t.values[0] if t.values and t.state == TrialState.COMPLETE else None,
-               "last_reported_val_loss": last, "last_step": t.last_step}
-        row.update({k: t.params.get(k) for k in SEARCHED})
-        row.update({k: t.user_attrs.get(k) for k in TRIAL_ATTRS})
-        if t.values and len(t.values) > 1:
-            row["runtime_s"] = t.values[1]
-        row["duration_s"] = t.duration.total_seconds() if t.duration else None
-        row["fail_reason"] = t.user_attrs.get("fail_reason")
-        row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id")
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("number").sort_index()
 
 
 def load(study_name: str, storage: str | None, tracking_uri: str) -> StudyData:

@@ -55,7 +55,7 @@ def confirm(configs: dict[str, TrainConfig], corpus: Corpus, seeds: list[int], c
                      f"{result.runtime_s:.1f} s")
     runs = pd.DataFrame(rows)
     summary = runs.groupby("configuration", sort=False).agg(
-        val_loss_mean=("best_val_loss", "mean"), val_loss_std=("best_val_loss", "std"),
+        best_val_loss_mean=("best_val_loss", "mean"), best_val_loss_std=("best_val_loss", "std"),
         runtime_s_mean=("runtime_s", "mean"), runtime_s_std=("runtime_s", "std"), seeds=("seed", "count"))
     return {"runs": runs, "summary": summary, "verdict": verdict(runs)}
 

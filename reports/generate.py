@@ -17,22 +17,22 @@ from typing import Sequence  # noqa: E402
 
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from model.cli import Parser, fail  # noqa: E402
+from model.cli import Parser, fail, options_namespace  # noqa: E402
 from model.config import ConfigError  # noqa: E402
 from model.data import DataError, load_corpus  # noqa: E402
 from reports import analysis, plots  # noqa: E402
-from reports.collect import ReportError, StudyData, load, loss_curves, run_params, run_text  # noqa: E402
+from reports.collect import ReportError, StudyData, load, loss_curves, open_study, run_params, run_text  # noqa: E402
 from reports.confirm import confirm, trial_config  # noqa: E402
 from reports.render import Report  # noqa: E402
 from study.space import SEARCHED  # noqa: E402
 from study.storage import StorageError  # noqa: E402
-from study.summary import comparison_table  # noqa: E402
+from study.summary import comparison_table, trials_table  # noqa: E402
 from study.tracking import TrackingError, check_tracking, first_line, redact, resolve_tracking_uri  # noqa: E402
 
 PROG = "python reports/generate.py"
 
 
-def parse_args(argv: Sequence[str] | None):
+def build_parser() -> Parser:
     parser = Parser(prog=PROG, description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("--study-name", required=True)
     parser.add_argument("--storage", metavar="URL", help="the study's storage (default: ./optuna.journal)")
@@ -41,9 +41,21 @@ def parse_args(argv: Sequence[str] | None):
     parser.add_argument("--confirm-seeds", type=int, default=0, metavar="K",
                         help="re-train baseline and tuned configurations with K fresh seeds (default: 0, off)")
     parser.add_argument("--data", metavar="PATH", help="the study's corpus, if not at the path the study recorded")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(args) -> None:
     if args.confirm_seeds < 0:
-        parser.error(f"--confirm-seeds must be >= 0, got {args.confirm_seeds}")
+        raise ConfigError(f"--confirm-seeds must be >= 0, got {args.confirm_seeds}")
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -173,23 +185,47 @@ def write_report(data: StudyData, args, out: Path, corpus) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+ERRORS = (ReportError, StorageError, DataError, ConfigError, TrackingError)
+
+
+def execute(args) -> Path:
+    """Write the report and log it on the study's parent run; raises ERRORS (or MlflowException) on bad input."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     out = Path(args.out or Path("reports") / args.study_name)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking(tracking_uri)
+    data = load(args.study_name, args.storage, tracking_uri)
+    corpus = study_corpus(data, args.data)
+    write_report(data, args, out, corpus)
+    if data.parent_run_id:
+        data.client.log_artifacts(data.parent_run_id, str(out), "report")
+    return out
+
+
+def generate_report(study_name: str, **options) -> Path:
+    """Write a study's report from Python, as `python reports/generate.py` does; returns its directory.
+
+    Options are the command line's, with underscores: out, storage, tracking_uri, confirm_seeds, data.
+    """
+    args = options_namespace(build_parser(), study_name=study_name, **options)
+    check_args(args)
+    return execute(args)
+
+
+def load_trials(study_name: str, storage: str | None = None):
+    """A study's trials as a DataFrame, one row per trial (the table trials.csv holds), finished or not."""
+    return trials_table(open_study(study_name, storage))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        check_tracking(tracking_uri)
-        data = load(args.study_name, args.storage, tracking_uri)
-        corpus = study_corpus(data, args.data)
-        write_report(data, args, out, corpus)
-        if data.parent_run_id:
-            data.client.log_artifacts(data.parent_run_id, str(out), "report")
-    except (ReportError, StorageError, DataError, ConfigError, TrackingError) as exc:
+        out = execute(args)
+    except ERRORS as exc:
         fail(str(exc), PROG)
     except MlflowException as exc:
-        fail(f"MLflow tracking at {redact(tracking_uri)}: {first_line(exc)}", PROG)
+        fail(f"MLflow tracking at {redact(resolve_tracking_uri(args.tracking_uri))}: {first_line(exc)}", PROG)
     print(f"report written to {out}/ (report.md, report.html, comparison.csv, trials.csv, plots)")
     return 0
 

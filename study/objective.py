@@ -19,8 +19,6 @@ from study.summary import completed_trials
 from study.tracking import StudyTracker, code_version, describe_error, format_traceback
 
 OBJECTIVES = {"loss": ("minimize",), "loss-time": ("minimize", "minimize")}
-# Figures of a completed trial kept as Optuna user attributes (the report reads them back).
-TRIAL_ATTRS = ("train_loss", "val_loss", "runtime_s", "startup_s", "tokens_per_s", "n_params")
 
 
 @dataclass(frozen=True)
@@ -94,8 +92,8 @@ class Objective:
         text = sample_text(result.model, self.corpus.tokenizer, self.sample.prompt, self.sample.max_new_tokens,
                            self.sample.temperature, self.sample.top_k, self.sample.seed)
         run.log_text(text, "sample.txt")
-        for key in TRIAL_ATTRS:
-            trial.set_user_attr(key, getattr(result, key))
+        for key, value in result.outcome().items():  # the report reads the outcome record back from here
+            trial.set_user_attr(key, value)
         if self._is_best_so_far(trial, result.best_val_loss):
             run.log_checkpoint(lambda d: save_checkpoint(d, result.model, self.corpus.tokenizer, result.config,
                                                          extra={"trial": trial.number, **result.summary()}))

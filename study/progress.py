@@ -56,9 +56,9 @@ def print_summary(study: optuna.Study, summary: dict, tracking_uri: str, args) -
     best, base = best_trial(study), baseline_trial(study)
     if best is not None and base is not None and base.state == TrialState.COMPLETE:
         table = comparison_table(base, best)[["baseline", "tuned", "change_pct"]]
-        print(table.drop(["final_train_loss", "final_val_loss", "generalization_gap"]).to_string(
+        print(table.drop(["val_loss", "train_loss", "generalization_gap", "startup_s"]).to_string(
             float_format=lambda v: f"{v:.4g}", na_rep=""))
-        print(f"val loss {summary['baseline_val_loss']:.4f} -> {summary['best_val_loss']:.4f} "
+        print(f"best val loss {summary['baseline_best_val_loss']:.4f} -> {summary['best_val_loss']:.4f} "
               f"({-summary['improvement_pct']:+.1f}%)")
     elif best is not None:
         print(f"best: trial {best.number}, val loss {best.values[0]:.4f} (the baseline trial did not complete)")

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from optuna.distributions import distribution_to_json  # noqa: E402
 import torch  # noqa: E402
 
-from model.cli import Parser, add_config_flags, config_overrides, fail  # noqa: E402
+from model.cli import Parser, add_config_flags, config_overrides, fail, options_namespace, to_argv  # noqa: E402
 from model.config import ConfigError, TrainConfig  # noqa: E402
 from model.data import Corpus, DataError, load_corpus  # noqa: E402
 from model.train import resolve_device  # noqa: E402
@@ -37,7 +37,7 @@ from study.workers import Launcher  # noqa: E402
 PROG = "python study/run.py"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> Parser:
     parser = Parser(prog=PROG, description=__doc__.split(":", 1)[1].strip())
     default_preset = "gpu" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--trials", type=int, default=50, help="trials to add to the study (default: 50)")
@@ -71,18 +71,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--launch-id", help=argparse.SUPPRESS)
     fixed = [name for name in TrainConfig.__dataclass_fields__ if name not in SEARCHED and name != "seed"]
     add_config_flags(parser, only=fixed)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible option values, from the command line or the Python API alike."""
+    choices = {act.dest: act.choices for act in build_parser()._actions if act.choices}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(args, name)!r}")
     if args.trials < 1:
-        parser.error(f"--trials must be at least 1, got {args.trials}")
+        raise ConfigError(f"--trials must be at least 1, got {args.trials}")
     for name in ("workers", "trials_per_gpu", "threads", "heartbeat_interval"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.workers and args.trials_per_gpu and args.worker_index is None:
-        parser.error("--workers and --trials-per-gpu both set the number of workers: give one")
+        raise ConfigError("--workers and --trials-per-gpu both set the number of workers: give one")
     if args.timeout is not None and args.timeout <= 0:
-        parser.error(f"--timeout must be positive, got {args.timeout}")
+        raise ConfigError(f"--timeout must be positive, got {args.timeout}")
     if args.sample_tokens < 0:
-        parser.error(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+        raise ConfigError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -193,32 +211,34 @@ def open_stores(args: argparse.Namespace, p: Plan, handler: StaleTrialHandler) -
     return study, tracker
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+SETUP_ERRORS = (ConfigError, DataError, SpaceError, StorageError, TrackingError)
+
+
+def execute(args: argparse.Namespace) -> tuple[optuna.Study, dict | None, str]:
+    """Plan, create or resume the stores, run this process's trials (or launch workers), close the study.
+
+    Returns the study, its summary (None in a launched worker) and the parent run's end status. Raises the
+    SETUP_ERRORS (and MlflowException) when the stores cannot be set up: nothing has run then.
+    """
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours to print
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.threads:
         torch.set_num_threads(args.threads)
     handler = StaleTrialHandler()
-    try:
-        p = plan(args)
-        study, tracker = open_stores(args, p, handler)
-    except (ConfigError, DataError, SpaceError, StorageError, TrackingError) as exc:
-        fail(str(exc), PROG)
-    except MlflowException as exc:
-        fail(f"MLflow tracking at {redact(resolve_tracking_uri(args.tracking_uri))}: {first_line(exc)}", PROG)
+    p = plan(args)
+    study, tracker = open_stores(args, p, handler)
     worker = args.worker_index is not None
     if not worker:
         prune = effective_pruner(args) != "none"
         print(f"study {p.study_name}: +{args.trials} trials ({len(study.trials)} stored), preset {p.preset.name}, "
               f"{args.sampler} sampler, {'pruner ' + args.pruner if prune else 'no pruning'}, "
               f"objective {args.objective}; tracking {redact(p.tracking_uri)}", flush=True)
-    status = "FINISHED"
+    status, summary = "FINISHED", None
     try:
         if p.workers > 1:
-            if not Launcher(argv, args.trials, p.workers, args.threads, p.base.device).run(study, handler):
+            launcher = Launcher(to_argv(build_parser(), args), args.trials, p.workers, args.threads, p.base.device)
+            if not launcher.run(study, handler):
                 status = "KILLED"
         elif not run_trials(args, p, study, tracker, handler):
             status = "KILLED"
@@ -226,14 +246,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not worker:
             summary = study_summary(study)
             tracker.finish(summary, summary.get("checkpoint_run_id"), status)
-    if worker:
-        return 130 if status == "KILLED" else 0
-    print_summary(study, summary, p.tracking_uri, args)
+    if not worker:
+        print_summary(study, summary, p.tracking_uri, args)
+    return study, summary, status
+
+
+def run_study(**options) -> optuna.Study:
+    """Run (or resume) a study from Python, as `python study/run.py` does, and return it.
+
+    Options are the command line's, named as its flags with underscores: `run_study(trials=20, preset="cpu",
+    data="input.txt", n_layer=2)`. Impossible options raise ValueError (or TypeError for unknown names);
+    Ctrl-C fails the running trial, closes the study's run, and raises KeyboardInterrupt.
+    """
+    args = options_namespace(build_parser(), **options)
+    check_args(args)
+    study, _, status = execute(args)
     if status == "KILLED":
+        raise KeyboardInterrupt
+    return study
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        _, _, status = execute(args)
+    except SETUP_ERRORS as exc:
+        fail(str(exc), PROG)
+    except MlflowException as exc:
+        fail(f"MLflow tracking at {redact(resolve_tracking_uri(args.tracking_uri))}: {first_line(exc)}", PROG)
+    if status != "KILLED":
+        return 0
+    if args.worker_index is None:
         print(f"{PROG}: interrupted; the running trial is marked FAIL. Run the same command to resume.",
               file=sys.stderr)
-        return 130
-    return 0
+    return 130
 
 
 def run_trials(args: argparse.Namespace, p: Plan, study: optuna.Study, tracker: StudyTracker,

@@ -7,20 +7,19 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from model.train import OUTCOME
 from study.space import SEARCHED
 
-COMPARED = (*SEARCHED, "best_val_loss", "final_train_loss", "final_val_loss", "generalization_gap",
-            "runtime_s", "tokens_per_s", "n_params")
+COMPARED = (*SEARCHED, "best_val_loss", "val_loss", "train_loss", "generalization_gap", "runtime_s", "startup_s",
+            "tokens_per_s", "n_params")
 
 
 def trial_figures(t: FrozenTrial) -> dict:
+    """A completed trial's hyperparameters and outcome record, plus the generalization gap (val - train loss)."""
     figures = {k: t.params.get(k) for k in SEARCHED}
-    attrs = t.user_attrs
-    figures.update(best_val_loss=t.values[0], final_train_loss=attrs.get("train_loss"),
-                   final_val_loss=attrs.get("val_loss"), runtime_s=attrs.get("runtime_s"),
-                   tokens_per_s=attrs.get("tokens_per_s"), n_params=attrs.get("n_params"))
-    if figures["final_train_loss"] is not None and figures["final_val_loss"] is not None:
-        figures["generalization_gap"] = figures["final_val_loss"] - figures["final_train_loss"]
+    figures.update({k: t.user_attrs.get(k) for k in OUTCOME}, best_val_loss=t.values[0])
+    if figures["train_loss"] is not None and figures["val_loss"] is not None:
+        figures["generalization_gap"] = figures["val_loss"] - figures["train_loss"]
     return figures
 
 
@@ -55,6 +54,25 @@ def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
     return next((t for t in runs if t.state == TrialState.COMPLETE), runs[0] if runs else None)
 
 
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial, every state: objective value(s), the six hyperparameters, the outcome record, failures."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        last = t.intermediate_values.get(t.last_step) if t.last_step is not None else None
+        row = {"number": t.number, "state": t.state.name, "baseline": bool(t.user_attrs.get("baseline", False))}
+        row.update({k: t.params.get(k) for k in SEARCHED})
+        row.update({k: t.user_attrs.get(k) for k in OUTCOME})
+        # Optuna stores a pruned trial's last report as its value: only completed trials have a best
+        row["best_val_loss"] = t.values[0] if t.values and t.state == TrialState.COMPLETE else None
+        if t.values and len(t.values) > 1:
+            row["runtime_s"] = t.values[1]
+        row.update(last_reported_val_loss=last, last_step=t.last_step,
+                   duration_s=t.duration.total_seconds() if t.duration else None,
+                   fail_reason=t.user_attrs.get("fail_reason"), mlflow_run_id=t.user_attrs.get("mlflow_run_id"))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("number").sort_index()
+
+
 def study_summary(study: optuna.Study) -> dict:
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
@@ -69,7 +87,7 @@ def study_summary(study: optuna.Study) -> dict:
         if saved:
             summary["checkpoint_run_id"] = min(saved, key=lambda t: t.values[0]).user_attrs.get("mlflow_run_id")
     if base is not None and base.state == TrialState.COMPLETE:
-        summary["baseline_val_loss"] = base.values[0]
+        summary["baseline_best_val_loss"] = base.values[0]
         if best is not None:
             summary["improvement"] = base.values[0] - best.values[0]
             summary["improvement_pct"] = 100 * summary["improvement"] / base.values[0]

@@ -85,11 +85,10 @@ class TrialRun:
         self.client.log_batch(self.run_id, metrics=[Metric(k, metrics[k], ts, step) for k in CURVE_METRICS])
 
     def on_train_end(self, result) -> None:
+        """The rest of the outcome record; val_loss, train_loss and tokens_per_s end their curves already."""
         ts = _now_ms()
-        final = {"best_val_loss": result.best_val_loss, "final_val_loss": result.val_loss,
-                 "final_train_loss": result.train_loss, "runtime_s": result.runtime_s, "startup_s": result.startup_s,
-                 "final_tokens_per_s": result.tokens_per_s}
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, result.iters) for k, v in final.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, result.iters)
+                                                    for k, v in result.outcome().items() if k not in CURVE_METRICS])
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)

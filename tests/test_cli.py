@@ -59,6 +59,9 @@ def one_line_error(capsys, main, argv) -> str:
     ("ok", ["--dropout", "-0.1"], "dropout must be in [0, 1)"),
     ("ok", ["--n-layer", "two"], "invalid int value"),
     ("ok", ["--device", "tpu"], "device must be one of"),
+    ("ok", ["--device", "auto:1"], "device must be one of auto, cpu, cuda, mps or cuda:N, got 'auto:1'"),
+    ("ok", ["--device", "cpu:abc"], "got 'cpu:abc'"),
+    ("ok", ["--device", "cuda:x"], "got 'cuda:x'"),
 ])
 def test_bad_training_input_exits_2_with_one_line(tmp_path, capsys, content, flags, message):
     path = tmp_path / "corpus.txt"
@@ -125,3 +128,16 @@ def test_mfu_accounting_follows_nanogpt():
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("NVIDIA A10") == 125e12
     assert peak_flops("NVIDIA L40") == 181e12 and peak_flops("NVIDIA L40S") == 362e12
     assert peak_flops("Some Future GPU") is None
+
+
+def test_a_gpu_index_beyond_the_gpus_present_is_refused(monkeypatch):
+    import torch
+
+    from model.config import ConfigError
+    from model.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match="'cuda:2' requested but this machine has 2 GPU"):
+        resolve_device("cuda:2")

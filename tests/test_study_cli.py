@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--storage", "sqlite:///{tmp}/missing/dir/optuna.db"], "does not exist"),
     (["--tracking-uri", "http://127.0.0.1:{port}"], "MLflow server unreachable"),
     (["--device", "cuda"], "device 'cuda' requested but CUDA is not available"),
+    (["--device", "auto:1"], "device must be one of auto, cpu, cuda, mps or cuda:N, got 'auto:1'"),
+    (["--device", "cpu:abc"], "got 'cpu:abc'"),
     (["--trials-per-gpu", "2"], "--trials-per-gpu needs CUDA, but trials train on cpu: use --workers"),
     (["--trials-per-gpu", "0"], "--trials-per-gpu must be at least 1, got 0"),
     (["--workers", "2", "--trials-per-gpu", "2"], "--workers and --trials-per-gpu both set the number of workers"),
