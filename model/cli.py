@@ -7,7 +7,7 @@ import sys
 import typing
 from typing import NoReturn
 
-from model.config import TrainConfig
+from model.config import ConfigError, TrainConfig
 
 USAGE_ERROR = 2
 
@@ -57,6 +57,16 @@ def config_overrides(args: argparse.Namespace, cls=TrainConfig) -> dict:
     """The config fields the user set on the command line."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv, check) -> argparse.Namespace:
+    """Parse argv, then check(args), whose ConfigError becomes the parser's one-line error."""
+    args = parser.parse_args(argv)
+    try:
+        check(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def options_namespace(parser: argparse.ArgumentParser, **options) -> argparse.Namespace:

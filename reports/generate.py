@@ -17,7 +17,7 @@ from typing import Sequence  # noqa: E402
 
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from model.cli import Parser, fail, options_namespace  # noqa: E402
+from model.cli import Parser, parse_checked, fail, options_namespace  # noqa: E402
 from model.config import ConfigError  # noqa: E402
 from model.data import DataError, load_corpus  # noqa: E402
 from reports import analysis, plots  # noqa: E402
@@ -50,13 +50,7 @@ def check_args(args) -> None:
 
 
 def parse_args(argv: Sequence[str] | None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    return args
+    return parse_checked(build_parser(), argv, check_args)
 
 
 def study_corpus(data: StudyData, path: str | None):

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from optuna.distributions import distribution_to_json  # noqa: E402
 import torch  # noqa: E402
 
-from model.cli import Parser, add_config_flags, config_overrides, fail, options_namespace, to_argv  # noqa: E402
+from model.cli import Parser, parse_checked, add_config_flags, config_overrides, fail, options_namespace, to_argv  # noqa: E402
 from model.config import ConfigError, TrainConfig  # noqa: E402
 from model.data import Corpus, DataError, load_corpus  # noqa: E402
 from model.train import resolve_device  # noqa: E402
@@ -95,13 +95,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    return args
+    return parse_checked(build_parser(), argv, check_args)
 
 
 @dataclass
