@@ -95,7 +95,7 @@ def add_plots(report: Report, data: StudyData, trials: dict, out: Path, importan
                   lambda: plots.plot_param_slices(df, space)),
                  ("loss_vs_runtime.png", "Val loss against runtime", lambda: plots.plot_loss_vs_runtime(df))]
     if len(data.completed()) >= 2:
-        attempts.append(("parallel_coordinates.png", "Parallel coordinates", lambda: plots.plot_parallel(data.study)))
+        attempts.append(("parallel_coordinates.png", "Parallel coordinates", lambda: plots.plot_parallel(df, space)))
     for name, title, draw in attempts:
         report.image(plots.save(draw(), out / name), title)
     if importance is None or len(data.completed()) < 2:

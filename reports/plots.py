@@ -2,25 +2,21 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
-import matplotlib
 import matplotlib.ticker as ticker
+import numpy as np
+import optuna
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 
-matplotlib.use("Agg")  # Optuna's parallel coordinates draw with pyplot: files only, no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.axis import Axis  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from optuna.distributions import BaseDistribution, CategoricalDistribution  # noqa: E402
-
-from study.space import SEARCHED  # noqa: E402
+from study.space import SEARCHED
 
 sns.set_theme(style="whitegrid", context="notebook")
 STATE_STYLE = {"COMPLETE": ("tab:blue", "o"), "PRUNED": ("tab:orange", "v"), "FAIL": ("tab:red", "X")}
@@ -188,15 +184,60 @@ def plot_loss_vs_runtime(trials: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_parallel(study: optuna.Study) -> Figure:
-    """Optuna's parallel-coordinate plot of the completed trials."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
-        target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
-        ax = optuna.visualization.matplotlib.plot_parallel_coordinate(study, params=list(SEARCHED), target=target,
-                                                                      target_name="best val loss")
-    fig = ax.figure
-    fig.set_size_inches(11, 5)
-    fig.tight_layout()
-    plt.close(fig)  # out of pyplot's figure list; it still saves
+def _coordinate(ax: Axes, values: pd.Series, dist: BaseDistribution | None) -> pd.Series:
+    """Give one vertical axis its scale, limits and ticks; return the values placed on it, in [0, 1]."""
+    order = categories(dist, values)
+    if order is not None:
+        ax.set_yticks(range(len(order)), [label(v) for v in order])
+        values, lo, hi = values.map({v: i for i, v in enumerate(order)}), 0, max(len(order) - 1, 1)
+    else:  # a numeric axis spans the searched range (and any value outside it)
+        lo, hi = values.min(), values.max()
+        if dist is not None:
+            lo, hi = min(lo, dist.low), max(hi, dist.high)
+        if lo == hi:
+            lo, hi = lo - 0.5, hi + 0.5
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]))
+    log = getattr(dist, "log", False)
+    if log:
+        ax.set_yscale("log")
+        _log_ticks(ax.yaxis)
+    ax.set_ylim(lo, hi)
+    scale = np.log10 if log else (lambda v: v)
+    return (scale(values) - scale(lo)) / (scale(hi) - scale(lo))
+
+
+def plot_parallel(trials: pd.DataFrame, space: dict[str, BaseDistribution]) -> Figure:
+    """One line per trial across the hyperparameters to its val loss; pruned trials dashed, at their last report."""
+    points = loss_reached(trials)
+    coords = {**space, "loss_reached": None}
+    fig = Figure(figsize=(11, 5.5), layout="constrained")
+    with sns.axes_style("ticks"):  # tick marks on every axis, no grid lines across the lines
+        host = fig.subplots()
+        placed = pd.DataFrame(index=points.index)
+        for i, (name, dist) in enumerate(coords.items()):
+            ax = host.twinx()
+            ax.set_label(name)  # names the axis for a reader of fig.axes
+            placed[name] = _coordinate(ax, points[name], dist)
+            ax.spines["right"].set_position(("axes", i / (len(coords) - 1)))
+            sns.despine(ax=ax, left=True, bottom=True, right=False)
+    host.set(xlim=(0, len(coords) - 1), ylim=(0, 1), yticks=[])
+    host.set_xticks(range(len(coords)), [*space, "val loss"])
+    host.tick_params(axis="x", length=0, pad=14)  # names below the lowest tick labels
+    sns.despine(ax=host, left=True, bottom=True)
+    x = np.arange(len(coords))
+    done, pruned = points["state"] == "COMPLETE", points["state"] == "PRUNED"
+    pruned_color = STATE_STYLE["PRUNED"][0]
+    host.add_collection(LineCollection([np.column_stack([x, y]) for y in placed[pruned].to_numpy()],
+                                       colors=pruned_color, linestyles="--", alpha=PRUNED_ALPHA, lw=1))
+    cmap = sns.color_palette("crest_r", as_cmap=True)  # darker: lower loss
+    loss = placed.loc[done, "loss_reached"]
+    host.add_collection(LineCollection([np.column_stack([x, y]) for y in placed[done].to_numpy()],
+                                       array=loss, cmap=cmap, clim=(loss.min(), loss.max()), lw=1.5))
+    base = placed[points["baseline"]]
+    if len(base):
+        host.plot(x, base.iloc[0], color="red", lw=2)
+    _legend(fig, points, Line2D([], [], color=cmap(0.2), lw=1.5, label="completed (darker: lower val loss)"),
+            Line2D([], [], color=pruned_color, ls="--", alpha=PRUNED_ALPHA, label=PRUNED_LABEL),
+            Line2D([], [], color="red", lw=2, label="baseline"))
+    fig.suptitle("Parallel coordinates")
     return fig

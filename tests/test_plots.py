@@ -9,7 +9,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from reports.collect import trials_table
-from reports.plots import PRUNED_LABEL, plot_param_slices, search_space
+from reports.plots import PRUNED_LABEL, plot_parallel, plot_param_slices, search_space
 from study.space import PRESETS
 
 CPU_SPACE = PRESETS["cpu"].space  # n_head, n_embd, block_size are choices; learning_rate is log-scaled
@@ -43,6 +43,11 @@ def slice_axes(fig) -> dict:
 @pytest.fixture(scope="module")
 def slices():
     return figure_of(plot_param_slices, tiny_study())
+
+
+@pytest.fixture(scope="module")
+def coordinates():
+    return figure_of(plot_parallel, tiny_study())
 
 
 def points(ax) -> np.ndarray:
@@ -86,5 +91,30 @@ def test_pruned_trials_appear_in_the_slices_at_their_last_reported_loss_and_look
     assert x == pytest.approx(0, abs=0.2)  # in the n_head=2 strip
 
 
-def test_failed_trials_stay_out_of_the_slices(slices):
+def test_failed_trials_stay_out_of_the_slices_and_the_coordinates(slices, coordinates):
     assert 0.2 not in points(slice_axes(slices)["dropout"])[:, 0]
+    host = coordinates.axes[0]
+    assert sum(len(c.get_segments()) for c in host.collections) == 4  # three completed, one pruned
+
+
+def test_parallel_coordinates_draw_no_grid_lines(coordinates):
+    for ax in coordinates.axes:
+        assert not any(line.get_visible() for line in ax.get_xgridlines() + ax.get_ygridlines())
+
+
+def test_parallel_coordinates_label_each_axis_in_its_kind(coordinates):
+    axes = {ax.get_label(): ax for ax in coordinates.axes}
+    assert tick_labels(coordinates.axes[0].xaxis) == [*CPU_SPACE, "val loss"]
+    assert tick_labels(axes["n_head"].yaxis) == ["2", "4", "8"]
+    assert tick_labels(axes["block_size"].yaxis) == ["32", "48", "64"]
+    assert axes["learning_rate"].get_yscale() == "log"
+    assert axes["max_iters"].get_ylim() == (500, 2000)  # the searched range
+
+
+def test_parallel_coordinates_draw_pruned_trials_dashed_to_their_last_reported_loss(coordinates):
+    host, loss_axis = coordinates.axes[0], next(ax for ax in coordinates.axes if ax.get_label() == "loss_reached")
+    pruned = next(c for c in host.collections if c.get_linestyle()[0][1] is not None)  # dashed
+    [segment] = pruned.get_segments()
+    lo, hi = loss_axis.get_ylim()
+    assert lo + segment[-1, 1] * (hi - lo) == pytest.approx(PRUNED_LOSS)
+    assert PRUNED_LABEL in legend_labels(coordinates)
