@@ -89,21 +89,21 @@ def add_samples(report: Report, data: StudyData, trials: dict, corpus, tmp: Path
 
 def add_plots(report: Report, data: StudyData, trials: dict, out: Path, importance) -> None:
     report.heading("Plots")
-    df = data.trials
-    attempts = [("optimization_history.png", "Optimization history", lambda p: plots.plot_history(df, p))]
+    df, space = data.trials, plots.search_space(data.study)
+    attempts = [("optimization_history.png", "Optimization history", lambda: plots.plot_history(df))]
     curves = {label: loss_curves(data.client, t.user_attrs["mlflow_run_id"])
               for label, t in trials.items() if t.user_attrs.get("mlflow_run_id")}
     if curves:
-        attempts.append(("loss_curves.png", "Loss curves", lambda p: plots.plot_loss_curves(curves, p)))
+        attempts.append(("loss_curves.png", "Loss curves", lambda: plots.plot_loss_curves(curves)))
     if importance is not None:
-        attempts.append(("importance.png", "Hyperparameter importance", lambda p: plots.plot_importance(importance, p)))
-    attempts += [("param_slices.png", "Val loss against each hyperparameter", lambda p: plots.plot_param_slices(df, p)),
-                 ("loss_vs_runtime.png", "Val loss against runtime", lambda p: plots.plot_loss_vs_runtime(df, p))]
+        attempts.append(("importance.png", "Hyperparameter importance", lambda: plots.plot_importance(importance)))
+    attempts += [("param_slices.png", "Val loss against each hyperparameter",
+                  lambda: plots.plot_param_slices(df, space)),
+                 ("loss_vs_runtime.png", "Val loss against runtime", lambda: plots.plot_loss_vs_runtime(df))]
     if len(data.completed()) >= 2:
-        attempts.append(("parallel_coordinates.png", "Parallel coordinates",
-                         lambda p: plots.plot_parallel(data.study, p)))
+        attempts.append(("parallel_coordinates.png", "Parallel coordinates", lambda: plots.plot_parallel(df, space)))
     for name, title, draw in attempts:
-        report.image(draw(out / name), title)
+        report.image(plots.save(draw(), out / name), title)
     if importance is None or len(data.completed()) < 2:
         report.paragraph("Importance and parallel coordinates need at least two completed trials.")
 
