@@ -14,6 +14,7 @@ from model.gpt import count_params
 from model.sample import sample_text
 from model.train import resolve_device, train
 from study.recovery import StaleTrialHandler, mark_worker, recover_dead_workers
+from study.registry import register_best_model
 from study.space import suggest_params
 from study.summary import completed_trials
 from study.tracking import StudyTracker, code_version, describe_error, format_traceback
@@ -98,6 +99,7 @@ class Objective:
             run.log_checkpoint(lambda d: save_checkpoint(d, result.model, self.corpus.tokenizer, result.config,
                                                          extra={"trial": trial.number, **result.summary()}))
             trial.set_user_attr("checkpoint", True)
+            register_best_model(self.tracker, run.run_id, trial.number, result.best_val_loss, self.sample)
         run.end("COMPLETE")
         if self.objective == "loss-time":
             return result.best_val_loss, result.runtime_s

@@ -28,6 +28,7 @@ from study.objective import OBJECTIVES, Objective, SampleSpec, release_gpu_memor
 from study.progress import Progress, print_summary  # noqa: E402
 from study.space import PRESETS, SEARCHED, Preset, SpaceError, check_space, load_space_file, values_of  # noqa: E402
 from study.recovery import StaleTrialHandler, recover_dead_workers  # noqa: E402
+from study.registry import settle_best_model  # noqa: E402
 from study.summary import study_summary  # noqa: E402
 from study.storage import (DEFAULT_JOURNAL, PRUNERS, SAMPLERS, StorageError, check_storage_arg,  # noqa: E402
                            init_lock, make_pruner, make_sampler, make_storage)
@@ -240,6 +241,7 @@ def execute(args: argparse.Namespace) -> tuple[optuna.Study, dict | None, str]:
         if not worker:
             summary = study_summary(study)
             tracker.finish(summary, summary.get("checkpoint_run_id"), status)
+            settle_best_model(tracker, summary, p.sample)
     if not worker:
         print_summary(study, summary, p.tracking_uri, args)
     return study, summary, status
