@@ -88,6 +88,9 @@ class Objective:
                 run.log_text(format_traceback(exc), "error.txt")
                 run.end("FAIL", reason)
             raise
+        finally:
+            if run is not None:  # end() stops it; this also covers an end() that was not reached
+                run.stop_system_metrics()
 
     def _finish(self, trial: optuna.Trial, run, result) -> float | tuple[float, float]:
         text = sample_text(result.model, self.corpus.tokenizer, self.sample.prompt, self.sample.max_new_tokens,

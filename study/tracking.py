@@ -16,11 +16,15 @@ from pathlib import Path
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from model.data import PROJECT_ROOT
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 CURVE_METRICS = ("train_loss", "val_loss", "lr", "tokens_per_s")
+# Seconds between system metric samples (MLflow's default of 10 would miss most of a short trial);
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL_S = 2.0
 
 
 def resolve_tracking_uri(arg: str | None) -> str:
@@ -72,12 +76,38 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def start_system_metrics(run_id: str, tracking_uri: str) -> SystemMetricsMonitor | None:
+    """MLflow's sampler of CPU, memory, disk, network (and GPU with nvidia-ml-py) logging `system/...` to the run."""
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:  # the trial runs without them
+        print(f"warning: no system metrics for run {run_id} ({describe_error(exc)})", file=sys.stderr)
+        return None
+
+
+def stop_system_metrics(monitor: SystemMetricsMonitor | None) -> None:
+    """Stop the sampler, then log one last sample: the part of the trial since the last one, or all of a trial
+    shorter than one interval (MLflow's loop drops the sample it is taking when stopped)."""
+    if monitor is None:
+        return
+    try:
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as exc:  # the trial's outcome does not depend on it
+        print(f"warning: last system metrics sample not logged ({describe_error(exc)})", file=sys.stderr)
+
+
 class TrialRun:
     """A trial's child run; as a training callback it logs the loss curves as they come."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, system_metrics: SystemMetricsMonitor | None = None):
         self.client, self.run_id = client, run_id
         self.history: list[dict] = []
+        self.system_metrics = system_metrics
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.history.append({"step": step, **metrics})
@@ -99,8 +129,14 @@ class TrialRun:
             save(tmp)
             self.client.log_artifacts(self.run_id, tmp, "checkpoint")
 
+    def stop_system_metrics(self) -> None:
+        """Idempotent: end() calls it, and so does the objective however the trial ends."""
+        monitor, self.system_metrics = self.system_metrics, None
+        stop_system_metrics(monitor)
+
     def end(self, state: str | None = None, reason: str | None = None, status: str | None = None) -> None:
         """Close the run: the curves as CSV, the Optuna state as a tag, FINISHED only for a trial that completed."""
+        self.stop_system_metrics()
         if self.history:
             self.client.log_text(self.run_id, pd.DataFrame(self.history).to_csv(index=False), "loss_curves.csv")
         tags = ([RunTag("optuna_state", state)] if state else []) + \
@@ -157,7 +193,7 @@ class StudyTracker:
         run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number:03d}", tags=tags).info.run_id
         all_params = {**dataclasses.asdict(config), **params}
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in all_params.items()])
-        return TrialRun(self.client, run_id)
+        return TrialRun(self.client, run_id, start_system_metrics(run_id, self.tracking_uri))
 
     def close_run(self, run_id: str, state: str, reason: str, status: str) -> None:
         """End a trial's run from outside its process (its worker died); a run already ended is left alone."""

@@ -5,6 +5,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -43,6 +44,15 @@ def parent_runs(client: MlflowClient, experiment: str):
 
 def child_runs(client: MlflowClient, experiment: str):
     return [r for r in _runs(client, experiment) if "mlflow.parentRunId" in r.data.tags]
+
+
+# Two of the `system/` metrics MLflow's monitor logs on every machine (GPU ones only where there is a GPU).
+SYSTEM_METRICS = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+
+
+def system_metrics_monitors() -> list[threading.Thread]:
+    """MLflow's system metrics samplers still running in this process."""
+    return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor" and t.is_alive()]
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ from optuna.trial import TrialState
 
 from study import run as study_run
 from study.space import PRESETS, SEARCHED
-from study_helpers import child_runs, load_study, parent_runs, run_study
+from study_helpers import SYSTEM_METRICS, child_runs, load_study, parent_runs, run_study, system_metrics_monitors
 
 
 def test_four_trials_leave_four_optuna_trials_and_four_child_runs(workdir, corpus_file):
@@ -35,12 +35,14 @@ def test_four_trials_leave_four_optuna_trials_and_four_child_runs(workdir, corpu
         assert [m.step for m in history] == list(range(10, trial.params["max_iters"] + 1, 10))
         assert run.data.metrics["best_val_loss"] == pytest.approx(trial.value)
         assert run.data.tags["optuna_state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert SYSTEM_METRICS <= run.data.metrics.keys()
         assert run.data.tags["baseline"] == str(trial.number == 0)
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"sample.txt", "loss_curves.csv"} <= files
         sample = client.download_artifacts(run.info.run_id, "sample.txt", str(workdir / f"s{trial.number}"))
         assert open(sample).read().startswith("First Ci")  # no "ROMEO:" in this corpus: its opening is the prompt
     assert parent.info.status == "FINISHED"
+    assert not system_metrics_monitors()
     assert parent.data.metrics["best_val_loss"] == pytest.approx(study.best_value)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best_checkpoint", "study_summary.json"}
 
@@ -55,6 +57,7 @@ def test_hyperband_prunes_and_records_the_step(workdir, corpus_file):
     for t in pruned:
         assert t.user_attrs["pruned_at_step"] == t.last_step < t.params["max_iters"]
         assert runs[t.number].data.tags["optuna_state"] == "PRUNED"
+        assert SYSTEM_METRICS <= runs[t.number].data.metrics.keys()
         assert client.get_metric_history(runs[t.number].info.run_id, "val_loss")[-1].step == t.last_step
 
 
@@ -82,6 +85,7 @@ def test_diverging_trials_fail_with_their_reason_and_the_study_completes(workdir
     for t in study.trials[1:]:
         assert t.user_attrs["fail_reason"].startswith("TrainingDiverged: loss became non-finite")
         assert runs[t.number].info.status == "FAILED"
+        assert SYSTEM_METRICS <= runs[t.number].data.metrics.keys()
         assert runs[t.number].data.tags["failure_reason"] == t.user_attrs["fail_reason"]
         assert "error.txt" in {a.path for a in client.list_artifacts(runs[t.number].info.run_id)}
 
@@ -107,6 +111,7 @@ def test_ctrl_c_fails_the_running_trial_in_both_stores_and_the_command_resumes(w
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     (killed,) = [c for c in child_runs(client, "smoke-verse") if c.data.tags["trial_number"] == "1"]
     assert killed.info.status == "KILLED" and killed.data.tags["optuna_state"] == "FAIL"
+    assert SYSTEM_METRICS <= killed.data.metrics.keys() and not system_metrics_monitors()
     assert parent_runs(client, "smoke-verse")[0].info.status == "KILLED"
 
     monkeypatch.setattr(objective_module, "train", real_train)
