@@ -243,7 +243,7 @@ def execute(args: argparse.Namespace) -> tuple[optuna.Study, dict | None, str]:
             tracker.finish(summary, summary.get("checkpoint_run_id"), status)
             settle_best_model(tracker, summary, p.sample)
     if not worker:
-        print_summary(study, summary, p.tracking_uri, args)
+        print_summary(study, summary, p.tracking_uri, args, tracker.runs_url())
     return study, summary, status
 
 

@@ -22,6 +22,8 @@ from model.data import PROJECT_ROOT
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 CURVE_METRICS = ("train_loss", "val_loss", "lr", "tokens_per_s")
+# The MLflow UI's experiment kind for model training (its other main kind, genai_development, is for LLM apps).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # Seconds between system metric samples (MLflow's default of 10 would miss most of a short trial);
 # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
 SYSTEM_METRICS_INTERVAL_S = 2.0
@@ -173,13 +175,26 @@ class StudyTracker:
         return parent_id
 
     def _experiment_id(self) -> str:
+        """The study's experiment, marked as model training; an older study's experiment gets the mark too."""
         experiment = self.client.get_experiment_by_name(self.study_name)
-        if experiment:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(self.study_name)
-        except Exception:  # created meanwhile by a worker on another machine
-            return self.client.get_experiment_by_name(self.study_name).experiment_id
+        if experiment is None:
+            try:
+                return self.client.create_experiment(self.study_name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            except Exception:  # created meanwhile by a worker on another machine
+                experiment = self.client.get_experiment_by_name(self.study_name)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind chosen in the UI stays
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        return experiment.experiment_id
+
+    def runs_url(self) -> str:
+        """The study's runs page in the MLflow UI: the tracking server's, else `mlflow ui`'s default address.
+
+        MLflow 3.17's UI opens experiments in its GenAI mode unless the browser was switched to Model training
+        (it does not read the experiment kind yet), so the link asks for that mode.
+        """
+        base = redact(self.tracking_uri) if self.tracking_uri.startswith(("http://", "https://")) \
+            else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     def _run_exists(self, run_id: str) -> bool:
         try:
