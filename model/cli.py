@@ -69,10 +69,10 @@ def parse_checked(parser: argparse.ArgumentParser, argv, check) -> argparse.Name
     return args
 
 
-def options_namespace(parser: argparse.ArgumentParser, **options) -> argparse.Namespace:
-    """The namespace a command line would give, from keyword arguments named as the flags' dests.
+def options_checked(parser: argparse.ArgumentParser, check, **options) -> argparse.Namespace:
+    """The namespace a command line would give, from keyword arguments named as the flags' dests, then check(args).
 
-    What the Python API uses in place of parsing, so it takes exactly the CLI's options and defaults.
+    What the Python API uses in place of parsing, so it takes exactly the CLI's options, defaults and checks.
     """
     actions = {act.dest: act for act in parser._actions if act.help != argparse.SUPPRESS and act.dest != "help"}
     unknown = sorted(set(options) - set(actions))
@@ -84,11 +84,14 @@ def options_namespace(parser: argparse.ArgumentParser, **options) -> argparse.Na
         raise TypeError(f"missing option{'s' * (len(missing) > 1)} {', '.join(missing)}")
     for dest, value in options.items():
         kind = actions[dest].type
-        if value is not None and kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                                           or (kind is int and not isinstance(value, int))):
+        if value is None or kind not in (int, float):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
             raise TypeError(f"option {dest} must be {kind.__name__}, got {value!r}")
     defaults = {act.dest: act.default for act in parser._actions if act.dest != "help"}
-    return argparse.Namespace(**{**defaults, **options})
+    args = argparse.Namespace(**{**defaults, **options})
+    check(args)
+    return args
 
 
 def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Sequence  # noqa: E402
 
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from model.cli import Parser, parse_checked, fail, options_namespace  # noqa: E402
+from model.cli import Parser, fail, options_checked, parse_checked  # noqa: E402
 from model.config import ConfigError  # noqa: E402
 from model.data import DataError, load_corpus  # noqa: E402
 from reports import analysis, plots  # noqa: E402
@@ -202,9 +202,7 @@ def generate_report(study_name: str, **options) -> Path:
 
     Options are the command line's, with underscores: out, storage, tracking_uri, confirm_seeds, data.
     """
-    args = options_namespace(build_parser(), study_name=study_name, **options)
-    check_args(args)
-    return execute(args)
+    return execute(options_checked(build_parser(), check_args, study_name=study_name, **options))
 
 
 def load_trials(study_name: str, storage: str | None = None):

@@ -20,7 +20,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from optuna.distributions import distribution_to_json  # noqa: E402
 import torch  # noqa: E402
 
-from model.cli import Parser, parse_checked, add_config_flags, config_overrides, fail, options_namespace, to_argv  # noqa: E402
+from model.cli import (Parser, add_config_flags, config_overrides, fail, options_checked, parse_checked,  # noqa: E402
+                       to_argv)
 from model.config import ConfigError, TrainConfig  # noqa: E402
 from model.data import Corpus, DataError, load_corpus  # noqa: E402
 from model.train import resolve_device  # noqa: E402
@@ -254,9 +255,7 @@ def run_study(**options) -> optuna.Study:
     data="input.txt", n_layer=2)`. Impossible options raise ValueError (or TypeError for unknown names);
     Ctrl-C fails the running trial, closes the study's run, and raises KeyboardInterrupt.
     """
-    args = options_namespace(build_parser(), **options)
-    check_args(args)
-    study, _, status = execute(args)
+    study, _, status = execute(options_checked(build_parser(), check_args, **options))
     if status == "KILLED":
         raise KeyboardInterrupt
     return study

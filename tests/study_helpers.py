@@ -61,6 +61,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(proc: subprocess.Popen, url: str, log: Path, what: str, timeout: float) -> None:
+    """Poll url until it answers; fail the test with the log's tail if proc exits or timeout seconds pass."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"{what} did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def start_mlflow_server(home: Path, backend_uri: str | None = None):
     """A real `mlflow server` on loopback (stores under home unless backend_uri is given); yields its URL."""
@@ -71,16 +84,8 @@ def start_mlflow_server(home: Path, backend_uri: str | None = None):
                              "--backend-store-uri", backend_uri or f"sqlite:///{home / 'mlflow.db'}",
                              "--workers", "1"], cwd=home, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(home / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+        wait_until_up(proc, url + "/health", home / "server.log", "mlflow server", timeout=120)
         yield url
     finally:
         proc.terminate()

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,7 +23,7 @@ from study.objective import SampleSpec
 from study.registry import settle_best_model
 from study.summary import study_summary
 from study.tracking import StudyTracker
-from study_helpers import free_port, load_study, run_study
+from study_helpers import free_port, load_study, run_study, wait_until_up
 
 STUDY = "smoke-verse"
 ROMEO = "ROMEO:\nBut soft, what light through yonder window breaks?\n\n"
@@ -93,15 +92,7 @@ def test_mlflow_models_serve_answers_invocations_with_generated_text(study_dir, 
                             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(url + "/ping", timeout=5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow models serve did not start: {(tmp_path / 'serve.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_until_up(proc, url + "/ping", tmp_path / "serve.log", "mlflow models serve", timeout=180)
         body = {"dataframe_records": [{"prompt": "ROMEO:", "max_new_tokens": 20, "seed": 1}]}
         (text,) = json.loads(_post(url, body).read())["predictions"]
         assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20
