@@ -59,8 +59,16 @@ def label(value) -> str:
 
 
 def _log_ticks(axis: Axis) -> None:
-    """Ticks at 1, 2 and 5 times powers of ten, written plainly (0.002): a searched range spans a decade or two."""
-    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    """Ticks at 1, 2 and 5 times powers of ten, written plainly (0.002): a searched range spans a decade or two.
+
+    Over a narrower range, where fewer than two such ticks fall, a few round ones instead (matplotlib's LogLocator
+    would fill the axis with crowded linear ticks).
+    """
+    axis.axes.autoscale_view()
+    lo, hi = sorted(axis.get_view_interval())
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks = [m * 10.0 ** e for e in decades for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
+    axis.set_major_locator(ticker.FixedLocator(ticks) if len(ticks) >= 2 else ticker.MaxNLocator(3))
     axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     axis.set_minor_formatter(ticker.NullFormatter())
 
@@ -200,8 +208,9 @@ def _coordinate(ax: Axes, values: pd.Series, dist: BaseDistribution | None) -> p
     log = getattr(dist, "log", False)
     if log:
         ax.set_yscale("log")
-        _log_ticks(ax.yaxis)
     ax.set_ylim(lo, hi)
+    if log:  # ticks chosen for the limits just set
+        _log_ticks(ax.yaxis)
     scale = np.log10 if log else (lambda v: v)
     return (scale(values) - scale(lo)) / (scale(hi) - scale(lo))
 

@@ -5,11 +5,12 @@ import numpy as np
 import optuna
 import pytest
 from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from reports.collect import trials_table
-from reports.plots import PRUNED_LABEL, plot_parallel, plot_param_slices, search_space
+from reports.plots import PRUNED_LABEL, _log_ticks, plot_parallel, plot_param_slices, search_space
 from study.space import PRESETS
 
 CPU_SPACE = PRESETS["cpu"].space  # n_head, n_embd, block_size are choices; learning_rate is log-scaled
@@ -78,6 +79,20 @@ def test_learning_rate_is_on_a_log_axis_only_when_searched_on_a_log_scale(slices
     assert slice_axes(slices)["learning_rate"].get_xscale() == "log"
     linear = figure_of(plot_param_slices, tiny_study({**CPU_SPACE, "learning_rate": FloatDistribution(5e-4, 5e-3)}))
     assert slice_axes(linear)["learning_rate"].get_xscale() == "linear"
+
+
+@pytest.mark.parametrize("lo, hi, expected", [(2.2e-3, 5.6e-3, None), (5e-4, 5e-3, [5e-4, 1e-3, 2e-3, 5e-3]),
+                                                 (1e-4, 1e-2, [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2])])
+def test_a_log_axis_gets_a_few_readable_ticks_however_narrow_its_range(lo, hi, expected):
+    ax = Figure().subplots()
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    _log_ticks(ax.xaxis)
+    visible = [t for t in ax.xaxis.get_majorticklocs() if lo <= t <= hi]
+    if expected is None:  # under one 1-2-5 tick: a few round ones, not matplotlib's crowd of linear ticks
+        assert 2 <= len(visible) <= 4, visible
+    else:
+        assert visible == pytest.approx(expected)
 
 
 def test_pruned_trials_appear_in_the_slices_at_their_last_reported_loss_and_look_apart(slices):
