@@ -92,19 +92,3 @@ def options_checked(parser: argparse.ArgumentParser, check, **options) -> argpar
     args = argparse.Namespace(**{**defaults, **options})
     check(args)
     return args
-
-
-def to_argv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
-    """The command line that parses back to args (hidden flags and defaults left out)."""
-    argv = []
-    for act in parser._actions:
-        if not act.option_strings or act.help == argparse.SUPPRESS:
-            continue
-        value = getattr(args, act.dest, None)
-        if value is None or value == act.default:
-            continue
-        if isinstance(act, argparse.BooleanOptionalAction):
-            argv.append(act.option_strings[0] if value else act.option_strings[1])
-        else:
-            argv += [act.option_strings[0], str(value)]
-    return argv

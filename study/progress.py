@@ -50,7 +50,7 @@ class Progress:
         self.bar.close()
 
 
-def print_summary(study: optuna.Study, summary: dict, tracking_uri: str, args, runs_url: str) -> None:
+def print_summary(study: optuna.Study, summary: dict, settings, runs_url: str) -> None:
     print(f"\n{summary['n_trials']} trials in study {study.study_name}: {summary['n_complete']} complete, "
           f"{summary['n_pruned']} pruned, {summary['n_failed']} failed")
     best, base = best_trial(study), baseline_trial(study)
@@ -64,11 +64,11 @@ def print_summary(study: optuna.Study, summary: dict, tracking_uri: str, args, r
         print(f"best: trial {best.number}, val loss {best.values[0]:.4f} (the baseline trial did not complete)")
     if "pareto_trials" in summary:
         print(f"Pareto front (val loss vs runtime): trials {summary['pareto_trials']}")
+    tracking_uri = settings.tracking_uri
     ui = f"open {runs_url}" if tracking_uri.startswith("http") else \
         f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}\n                     then open {runs_url}"
     report = f"python reports/generate.py --study-name {shlex.quote(study.study_name)}"
-    if args.storage:
-        report += f" --storage {shlex.quote(redact(args.storage))}"
-    if args.tracking_uri:
-        report += f" --tracking-uri {shlex.quote(redact(args.tracking_uri))}"
+    for flag, value in (("--storage", settings.shown.get("storage")), ("--tracking-uri", settings.shown.get("tracking_uri"))):
+        if value:
+            report += f" {flag} {shlex.quote(redact(value))}"
     print(f"\nBrowse every trial:  {ui}\nWrite the report:    {report}")

@@ -10,31 +10,26 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 import optuna  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
-from optuna.distributions import distribution_to_json  # noqa: E402
 import torch  # noqa: E402
 
-from model.cli import (Parser, add_config_flags, config_overrides, fail, options_checked, parse_checked,  # noqa: E402
-                       to_argv)
+from model.cli import Parser, add_config_flags, fail, options_checked, parse_checked  # noqa: E402
 from model.config import ConfigError, TrainConfig  # noqa: E402
-from model.data import Corpus, DataError, load_corpus  # noqa: E402
-from model.train import resolve_device  # noqa: E402
-from study.objective import OBJECTIVES, Objective, SampleSpec, release_gpu_memory  # noqa: E402
-from study.progress import Progress, print_summary  # noqa: E402
-from study.space import PRESETS, SEARCHED, Preset, SpaceError, check_space, load_space_file, values_of  # noqa: E402
-from study.recovery import StaleTrialHandler, recover_dead_workers  # noqa: E402
+from model.data import Corpus  # noqa: E402
+from study.objective import OBJECTIVES  # noqa: E402
+from study.progress import print_summary  # noqa: E402
+from study.recovery import StaleTrialHandler  # noqa: E402
 from study.registry import settle_best_model  # noqa: E402
+from study.settings import StudySettings, settings_from_args  # noqa: E402
+from study.setup import create_stores  # noqa: E402
+from study.space import PRESETS, SEARCHED  # noqa: E402
+from study.storage import PRUNERS, SAMPLERS  # noqa: E402
 from study.summary import study_summary  # noqa: E402
-from study.storage import (DEFAULT_JOURNAL, PRUNERS, SAMPLERS, StorageError, check_storage_arg,  # noqa: E402
-                           init_lock, make_pruner, make_sampler, make_storage)
-from study.tracking import StudyTracker, TrackingError, check_tracking, first_line, redact, resolve_tracking_uri  # noqa: E402
-from study.workers import Launcher  # noqa: E402
+from study.tracking import first_line, redact, resolve_tracking_uri  # noqa: E402
+from study.workers import SETUP_ERRORS, Launcher, quiet_libraries, run_trials  # noqa: E402
 
 PROG = "python study/run.py"
 
@@ -69,8 +64,6 @@ def build_parser() -> Parser:
                         "the workers)")
     parser.add_argument("--heartbeat-interval", type=int, default=60, metavar="SECONDS",
                         help="RDB storages: a running trial silent for twice this is failed and re-queued")
-    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the --workers launcher
-    parser.add_argument("--launch-id", help=argparse.SUPPRESS)
     fixed = [name for name in TrainConfig.__dataclass_fields__ if name not in SEARCHED and name != "seed"]
     add_config_flags(parser, only=fixed)
     return parser
@@ -88,7 +81,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("workers", "trials_per_gpu", "threads", "heartbeat_interval"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.workers and args.trials_per_gpu and args.worker_index is None:
+    if args.workers and args.trials_per_gpu:
         raise ConfigError("--workers and --trials-per-gpu both set the number of workers: give one")
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive, got {args.timeout}")
@@ -100,151 +93,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parse_checked(build_parser(), argv, check_args)
 
 
-@dataclass
-class Plan:
-    """Everything validated, nothing created yet."""
+def execute(s: StudySettings, corpus: Corpus) -> tuple[optuna.Study, dict, str]:
+    """Create or resume the study's stores, run its trials here or in launched workers, close the study.
 
-    preset: Preset
-    space: dict
-    base: TrainConfig
-    corpus: Corpus
-    study_name: str
-    sample: SampleSpec
-    tracking_uri: str
-    workers: int
-
-
-def plan(args: argparse.Namespace) -> Plan:
-    preset = PRESETS[args.preset]
-    base = preset.baseline.replace(**{**config_overrides(args), "seed": args.seed})
-    resolve_device(base.device)  # a device this machine lacks fails here, not in every trial
-    space = load_space_file(args.space, preset) if args.space else dict(preset.space)
-    check_space(space, base)
-    corpus = load_corpus(args.data)
-    blocks = values_of(space["block_size"]) or [space["block_size"].high]
-    corpus.check_block_size(max(blocks))
-    prompt = args.sample_prompt
-    if prompt is None:
-        prompt = "ROMEO:" if not corpus.tokenizer.unknown("ROMEO:") else corpus.tokenizer.decode(corpus.train[:8])
-    if not prompt or corpus.tokenizer.unknown(prompt):
-        raise DataError(f"--sample-prompt has characters outside the corpus vocabulary: "
-                        f"{' '.join(map(repr, corpus.tokenizer.unknown(prompt))) or '(empty prompt)'}")
-    suffix = "-loss-time" if args.objective == "loss-time" else ""
-    name = args.study_name or f"{preset.name}-{corpus.name}{suffix}"
-    check_storage_arg(args.storage)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    check_tracking(tracking_uri)
-    return Plan(preset, space, base, corpus, name, SampleSpec(prompt, args.sample_tokens, seed=args.seed), tracking_uri,
-                worker_count(args, base))
-
-
-def worker_count(args: argparse.Namespace, base: TrainConfig) -> int:
-    """Worker processes for this run: --workers, or --trials-per-gpu times the GPUs in use (one for --device cuda:N)."""
-    if args.worker_index is not None:
-        return 1  # a process the launcher started
-    if not args.trials_per_gpu:
-        return args.workers or 1
-    device = resolve_device(base.device)
-    if device.type != "cuda":
-        raise ConfigError(f"--trials-per-gpu needs CUDA, but trials train on {device.type}: use --workers")
-    return args.trials_per_gpu * (1 if device.index is not None else torch.cuda.device_count())
-
-
-def effective_pruner(args: argparse.Namespace) -> str:
-    """Optuna prunes single-objective studies only: a loss-time study runs every trial to the end."""
-    return args.pruner if len(OBJECTIVES[args.objective]) == 1 else "none"
-
-
-def open_study(args: argparse.Namespace, p: Plan, handler: StaleTrialHandler) -> optuna.Study:
-    storage = make_storage(args.storage, args.heartbeat_interval, handler)
-    directions = OBJECTIVES[args.objective]
-    pruner = make_pruner(effective_pruner(args), p.base.eval_interval,
-                         max(values_of(p.space["max_iters"]) or [p.space["max_iters"].high]))
-    study = optuna.create_study(storage=storage, study_name=p.study_name, directions=list(directions),
-                                pruner=pruner, load_if_exists=True)
-    if len(study.directions) != len(directions):
-        raise StorageError(f"study {p.study_name!r} has {len(study.directions)} objective(s); "
-                           f"--objective {args.objective} needs {len(directions)}: pick another --study-name")
-    check_same_setup(study, p)
-    # offset the seed by the trials already run, so a resumed study does not replay its sampler
-    # and by the worker, so parallel workers do not propose the same parameters
-    study.sampler = make_sampler(args.sampler, args.seed + len(study.trials) + 1000 * (args.worker_index or 0))
-    if not study.trials:
-        study.enqueue_trial(p.preset.baseline_params(), user_attrs={"baseline": True})
-    return study
-
-
-def check_same_setup(study: optuna.Study, p: Plan) -> None:
-    """A resumed study must keep its corpus, search space and fixed settings, or its trials stop comparing."""
-    setup = {"corpus_sha256": p.corpus.sha256,
-             "space": {k: distribution_to_json(v) for k, v in p.space.items()},
-             "fixed": {k: v for k, v in asdict(p.base).items() if k not in ("device", "compile")}}
-    stored = study.user_attrs.get("setup")
-    if stored is None:
-        if not study.trials:
-            study.set_user_attr("setup", setup)
-        return
-    differs = [k for k in setup if stored.get(k) != setup[k]]
-    if differs:
-        raise StorageError(f"study {p.study_name!r} was created with another {' and '.join(differs)} "
-                           "(corpus, --space, preset or fixed flags); resume it unchanged or pick another --study-name")
-
-
-def open_stores(args: argparse.Namespace, p: Plan, handler: StaleTrialHandler) -> tuple[optuna.Study, StudyTracker]:
-    """Study, baseline, MLflow database, experiment and parent run: created once, before any trial runs."""
-    with init_lock(args.storage, p.study_name):
-        study = open_study(args, p, handler)
-        tracker = StudyTracker(p.tracking_uri, p.study_name)
-        tracker.open(study, {"preset": p.preset.name, "objective": args.objective, "sampler": args.sampler,
-                             "pruner": effective_pruner(args), "seed": args.seed,
-                             "corpus": p.corpus.name, "corpus_path": str(p.corpus.path),
-                             "corpus_sha256": p.corpus.sha256, "storage": redact(args.storage or DEFAULT_JOURNAL),
-                             **{f"base.{k}": v for k, v in asdict(p.base).items()}})
-        handler.tracker = tracker
-        recovered = recover_dead_workers(study, handler)
-    if recovered:
-        print(f"trials {recovered} were left RUNNING by a worker that died: failed and re-queued", flush=True)
-    return study, tracker
-
-
-SETUP_ERRORS = (ConfigError, DataError, SpaceError, StorageError, TrackingError)
-
-
-def execute(args: argparse.Namespace) -> tuple[optuna.Study, dict | None, str]:
-    """Plan, create or resume the stores, run this process's trials (or launch workers), close the study.
-
-    Returns the study, its summary (None in a launched worker) and the parent run's end status. Raises the
-    SETUP_ERRORS (and MlflowException) when the stores cannot be set up: nothing has run then.
+    Returns the study, its summary and the parent run's end status. Raises the SETUP_ERRORS (and MlflowException)
+    when the stores cannot be set up: nothing has run then.
     """
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours to print
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    quiet_libraries()
+    if s.threads:
+        torch.set_num_threads(s.threads)
     handler = StaleTrialHandler()
-    p = plan(args)
-    study, tracker = open_stores(args, p, handler)
-    worker = args.worker_index is not None
-    if not worker:
-        prune = effective_pruner(args) != "none"
-        print(f"study {p.study_name}: +{args.trials} trials ({len(study.trials)} stored), preset {p.preset.name}, "
-              f"{args.sampler} sampler, {'pruner ' + args.pruner if prune else 'no pruning'}, "
-              f"objective {args.objective}; tracking {redact(p.tracking_uri)}", flush=True)
-    status, summary = "FINISHED", None
+    study, tracker = create_stores(s, corpus, handler)
+    print(f"study {s.study_name}: +{s.trials} trials ({len(study.trials)} stored), preset {s.preset}, "
+          f"{s.sampler} sampler, {'no pruning' if s.pruner == 'none' else 'pruner ' + s.pruner}, "
+          f"objective {s.objective}; tracking {redact(s.tracking_uri)}", flush=True)
+    status = "FINISHED"
     try:
-        if p.workers > 1:
-            launcher = Launcher(to_argv(build_parser(), args), args.trials, p.workers, args.threads, p.base.device)
-            if not launcher.run(study, handler):
-                status = "KILLED"
-        elif not run_trials(args, p, study, tracker, handler):
-            status = "KILLED"
+        if s.workers > 1:
+            done = Launcher(s).run(study, handler)
+        else:
+            done = run_trials(s, corpus, study, tracker, handler, s.trials)
+        status = "FINISHED" if done else "KILLED"
     finally:
-        if not worker:
-            summary = study_summary(study)
-            tracker.finish(summary, summary.get("checkpoint_run_id"), status)
-            settle_best_model(tracker, summary, p.sample)
-    if not worker:
-        print_summary(study, summary, p.tracking_uri, args, tracker.runs_url())
+        summary = study_summary(study)
+        tracker.finish(summary, summary.get("checkpoint_run_id"), status)
+        settle_best_model(tracker, summary, s.sample)
+    print_summary(study, summary, s, tracker.runs_url())
     return study, summary, status
 
 
@@ -255,7 +129,7 @@ def run_study(**options) -> optuna.Study:
     data="input.txt", n_layer=2)`. Impossible options raise ValueError (or TypeError for unknown names);
     Ctrl-C fails the running trial, closes the study's run, and raises KeyboardInterrupt.
     """
-    study, _, status = execute(options_checked(build_parser(), check_args, **options))
+    study, _, status = execute(*settings_from_args(options_checked(build_parser(), check_args, **options)))
     if status == "KILLED":
         raise KeyboardInterrupt
     return study
@@ -264,35 +138,16 @@ def run_study(**options) -> optuna.Study:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        _, _, status = execute(args)
+        _, _, status = execute(*settings_from_args(args))
     except SETUP_ERRORS as exc:
         fail(str(exc), PROG)
     except MlflowException as exc:
         fail(f"MLflow tracking at {redact(resolve_tracking_uri(args.tracking_uri))}: {first_line(exc)}", PROG)
     if status != "KILLED":
         return 0
-    if args.worker_index is None:
-        print(f"{PROG}: interrupted; the running trial is marked FAIL. Run the same command to resume.",
-              file=sys.stderr)
+    print(f"{PROG}: interrupted; the running trial is marked FAIL. Run the same command to resume.",
+          file=sys.stderr)
     return 130
-
-
-def run_trials(args: argparse.Namespace, p: Plan, study: optuna.Study, tracker: StudyTracker,
-               handler: StaleTrialHandler) -> bool:
-    """This process's trials; False when interrupted by Ctrl-C."""
-    prune = effective_pruner(args) != "none"
-    attrs = {} if args.worker_index is None else {"worker_index": args.worker_index, "launch_id": args.launch_id}
-    objective = Objective(p.space, p.base, p.corpus, tracker, args.objective, p.sample, prune, handler, attrs)
-    progress = Progress(args.trials, bar=args.worker_index is None,
-                        prefix="" if args.worker_index is None else f"[worker {args.worker_index}] ")
-    try:
-        study.optimize(objective, n_trials=args.trials, timeout=args.timeout, catch=(Exception,),
-                       callbacks=[release_gpu_memory, progress], gc_after_trial=True)
-    except KeyboardInterrupt:
-        return False
-    finally:
-        progress.close()
-    return True
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import tempfile
+import os
 import warnings
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -50,7 +50,7 @@ def make_storage(url: str | None, heartbeat_interval: int | None = None, stale_c
             "heartbeat_stale_trial_callback": stale_callback}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough here
-            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **heartbeat)
+            return RDBStorage(url, engine_kwargs=engine_kwargs(url), **heartbeat)
     except ImportError as exc:
         raise StorageError(f"--storage {redact(url)}: database driver missing ({exc})") from None
     except Exception as exc:  # sqlalchemy's connection and URL errors have no common base worth naming
@@ -82,17 +82,85 @@ def make_pruner(name: str, eval_interval: int, max_iters: int) -> optuna.pruners
     raise ValueError(f"unknown pruner {name!r}")
 
 
-@contextlib.contextmanager
-def init_lock(storage_url: str | None, study_name: str):
-    """Serialise first contact with fresh stores among processes on this machine.
+# Every study process talks to an RDB through at most this many connections: one for the trial loop, one more while
+# Optuna's heartbeat thread (or a second thread) writes at the same moment. 8 workers and their launcher hold at
+# most 18 of PostgreSQL's default 100.
+POOL_SIZE, POOL_OVERFLOW = 1, 1
+APPLICATION_NAME = "chargpt-study"  # pg_stat_activity shows "chargpt-study:<pid>" for each connection
+SETUP_LOCK_KEY = 0x63686172677074  # the PostgreSQL advisory lock serialising study set-ups in one database
 
-    Creating the study, enqueueing the baseline, MLflow's schema migration and the parent run must happen
-    once; concurrent first runs would race on each. The lock file lives in the temp directory, not here.
+
+def engine_kwargs(url: str) -> dict:
+    kwargs = {"pool_pre_ping": True, "pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = {"application_name": f"{APPLICATION_NAME}:{os.getpid()}"}
+    return kwargs
+
+
+@contextlib.contextmanager
+def setup_lock(url: str | None, on_wait=None):
+    """Serialise the set-up of a study's stores among every process that shares them, on any machine.
+
+    Creating Optuna's schema, the study, the baseline trial, MLflow's experiment and the parent run must happen
+    once however many workers start together. The lock lives where every worker looks: in the database itself
+    for PostgreSQL (an advisory lock) and MySQL (a named lock), and for a journal or SQLite
+    store: an flock on the file itself (anyone sharing the store shares the file; Optuna's journal lock and
+    SQLite's byte-range locks are separate locks). on_wait() is called if another process holds it.
     """
-    key = hashlib.sha256(f"{Path.cwd()}|{storage_url}|{study_name}".encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"chargpt-study-{key}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    if url is not None and "://" in url and not url.startswith("sqlite:///"):
+        with _database_lock(url, on_wait):
+            yield
+        return
+    path = Path(url.removeprefix("sqlite:///") if url else DEFAULT_JOURNAL)
+    try:
+        f = open(path, "a")  # creates the store's file as the store itself would
+    except OSError as exc:
+        raise StorageError(f"--storage {path}: cannot open ({exc.strerror})") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _database_lock(url: str, on_wait):
+    """A session-level lock in the database: released by the server if this process dies holding it."""
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                          **{k: v for k, v in engine_kwargs(url).items() if k == "connect_args"})
+        conn = engine.connect()
+    except ImportError as exc:
+        raise StorageError(f"--storage {redact(url)}: database driver missing ({exc})") from None
+    except Exception as exc:  # sqlalchemy's connection and URL errors have no common base worth naming
+        raise StorageError(f"--storage {redact(url)}: cannot connect ({redact(first_line(exc))[:300]})") from None
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        take, wait, release = ("SELECT pg_try_advisory_lock(:k)", "SELECT pg_advisory_lock(:k)",
+                               "SELECT pg_advisory_unlock(:k)")
+    elif dialect in ("mysql", "mariadb"):
+        take, wait, release = ("SELECT GET_LOCK(:k, 0)", "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)")
+    else:  # no shared lock known for this database: set-up relies on the stores' own uniqueness checks
+        take = wait = release = None
+    key = {"k": SETUP_LOCK_KEY if dialect == "postgresql" else APPLICATION_NAME}
+    try:
+        with conn:
+            if take and not conn.execute(sqlalchemy.text(take), key).scalar():
+                if on_wait:
+                    on_wait()
+                conn.execute(sqlalchemy.text(wait), key)
+            conn.commit()  # the lock is the session's, not the transaction's
+            try:
+                yield
+            finally:
+                if release:
+                    conn.execute(sqlalchemy.text(release), key)
+                    conn.commit()
+    finally:
+        engine.dispose()

@@ -20,7 +20,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from model.data import PROJECT_ROOT
 
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
+PARENT_RUN_ATTR, EXPERIMENT_ATTR = "mlflow_parent_run_id", "mlflow_experiment_id"
 CURVE_METRICS = ("train_loss", "val_loss", "lr", "tokens_per_s")
 # The MLflow UI's experiment kind for model training (its other main kind, genai_development, is for LLM apps).
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -171,8 +171,16 @@ class StudyTracker:
                                                tags={"study_name": self.study_name, "role": "study"}).info.run_id
             self.client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in settings.items()])
             study.set_user_attr(PARENT_RUN_ATTR, parent_id)
+        if study.user_attrs.get(EXPERIMENT_ATTR) != self.experiment_id:
+            study.set_user_attr(EXPERIMENT_ATTR, self.experiment_id)
         self.parent_run_id = parent_id
         return parent_id
+
+    def attach(self, study) -> None:
+        """Join the experiment and parent run that open() made for the study: a worker creates neither."""
+        self.parent_run_id = study.user_attrs[PARENT_RUN_ATTR]
+        self.experiment_id = study.user_attrs.get(EXPERIMENT_ATTR) or \
+            self.client.get_run(self.parent_run_id).info.experiment_id
 
     def _experiment_id(self) -> str:
         """The study's experiment, marked as model training; an older study's experiment gets the mark too."""

@@ -1,22 +1,78 @@
-"""`--workers N`: N worker processes on one study, each with its share of the trials, replaced if killed."""
+"""Workers: a process that runs trials on a study the set-up step created, and `--workers N` launching N of them.
+
+A launched worker receives the study's settings object itself (pickled by multiprocessing's spawn), never a
+command line to parse again; a killed worker is replaced for the rest of its share.
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
+import multiprocessing
 import os
-import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
+from model.cli import fail
+from model.config import ConfigError
+from model.data import DataError
+from study.objective import Objective, release_gpu_memory
+from study.progress import Progress
 from study.recovery import STALE_ATTR, StaleTrialHandler, recover_dead_workers
+from study.settings import StudySettings
+from study.setup import join_stores
+from study.space import SpaceError
+from study.storage import StorageError
+from study.tracking import StudyTracker, TrackingError
 
-RUN_PY = Path(__file__).resolve().parent / "run.py"
 MAX_RESPAWNS = 2
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+SETUP_ERRORS = (ConfigError, DataError, SpaceError, StorageError, TrackingError)
+INTERRUPTED = 130
+
+
+def quiet_libraries() -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours to print
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def run_trials(s: StudySettings, corpus, study: optuna.Study, tracker: StudyTracker, handler: StaleTrialHandler,
+               trials: int, worker_index: int | None = None, launch_id: str | None = None) -> bool:
+    """This process's trials; False when interrupted by Ctrl-C."""
+    attrs = {} if worker_index is None else {"worker_index": worker_index, "launch_id": launch_id}
+    objective = Objective(s.space, s.base, corpus, tracker, s.objective, s.sample, s.pruner != "none", handler, attrs)
+    progress = Progress(trials, bar=worker_index is None,
+                        prefix="" if worker_index is None else f"[worker {worker_index}] ")
+    try:
+        study.optimize(objective, n_trials=trials, timeout=s.timeout, catch=(Exception,),
+                       callbacks=[release_gpu_memory, progress], gc_after_trial=True)
+    except KeyboardInterrupt:
+        return False
+    finally:
+        progress.close()
+    return True
+
+
+def worker_main(s: StudySettings, index: int, trials: int, launch_id: str, threads: int) -> None:
+    """A launched worker process: join the stores, run its share of the trials, exit 0 (130 when interrupted)."""
+    quiet_libraries()
+    torch.set_num_threads(threads)
+    handler = StaleTrialHandler()
+    try:
+        corpus = s.load_corpus()
+        study, tracker = join_stores(s, handler, index)
+    except SETUP_ERRORS as exc:
+        fail(f"worker {index}: {exc}", "python study/run.py")
+    try:
+        done = run_trials(s, corpus, study, tracker, handler, trials, index, launch_id)
+    except KeyboardInterrupt:
+        done = False
+    sys.exit(0 if done else INTERRUPTED)
 
 
 def shares(trials: int, workers: int) -> list[int]:
@@ -40,6 +96,19 @@ def worker_env(index: int, threads: int, spread_gpus: bool = True) -> dict:
     return env
 
 
+@contextlib.contextmanager
+def environment(env: dict):
+    """os.environ replaced for the duration: a spawned process starts with the environment of the moment."""
+    saved = os.environ.copy()
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def done_by(study: optuna.Study, launch_id: str, index: int) -> int:
     """Trials worker `index` of this launch finished (those failed because a worker died do not count)."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
@@ -48,29 +117,32 @@ def done_by(study: optuna.Study, launch_id: str, index: int) -> int:
 
 
 class Launcher:
-    def __init__(self, argv: list[str], trials: int, workers: int, threads: int | None, device: str = "auto"):
-        self.argv, self.trials, self.workers = argv, trials, workers
-        self.spread_gpus = ":" not in device  # --device cuda:N keeps every worker on GPU N
-        self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    def __init__(self, settings: StudySettings):
+        self.settings = settings
+        self.spread_gpus = ":" not in settings.base.device  # --device cuda:N keeps every worker on GPU N
+        self.threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
         self.launch_id = uuid.uuid4().hex[:12]
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, multiprocessing.Process] = {}
 
     def spawn(self, index: int, share: int) -> None:
-        cmd = [sys.executable, str(RUN_PY), *self.argv, "--trials", str(share), "--workers", "1",
-               "--worker-index", str(index), "--launch-id", self.launch_id, "--threads", str(self.threads)]
-        self.procs[index] = subprocess.Popen(cmd, env=worker_env(index, self.threads, self.spread_gpus))
+        proc = multiprocessing.get_context("spawn").Process(
+            target=worker_main, args=(self.settings, index, share, self.launch_id, self.threads),
+            name=f"study-worker-{index}")
+        with environment(worker_env(index, self.threads, self.spread_gpus)):
+            proc.start()
+        self.procs[index] = proc
 
     def run(self, study: optuna.Study, handler: StaleTrialHandler) -> bool:
         """Start the workers and wait; a worker that dies is replaced for the rest of its share.
 
         Returns False when interrupted (Ctrl-C reaches the workers too; each fails its running trial).
         """
-        plan = dict(enumerate(shares(self.trials, self.workers)))  # each index's share, replacements included
+        plan = dict(enumerate(shares(self.settings.trials, self.settings.workers)))  # each index's share
         respawns = dict.fromkeys(plan, 0)
         for index, share in plan.items():
             if share:
                 self.spawn(index, share)
-        gpus = min(torch.cuda.device_count(), self.workers) if self.spread_gpus else 1
+        gpus = min(torch.cuda.device_count(), self.settings.workers) if self.spread_gpus else 1
         where = f"{gpus} GPU{'s' * (gpus > 1)}, " if torch.cuda.is_available() else ""
         print(f"{len(self.procs)} workers on {where}{self.threads} CPU threads each, trials {list(plan.values())}",
               flush=True)
@@ -78,22 +150,22 @@ class Launcher:
             while self.procs:
                 time.sleep(0.5)
                 for index, proc in list(self.procs.items()):
-                    code = proc.poll()
-                    if code is None:
+                    if proc.exitcode is None:
                         continue
                     del self.procs[index]
-                    if code == 0:
+                    proc.join()
+                    if proc.exitcode == 0:
                         continue
                     recovered = recover_dead_workers(study, handler)
                     left = plan[index] - done_by(study, self.launch_id, index)
-                    print(f"worker {index} exited with {code}; trials {recovered} failed and re-queued; "
+                    print(f"worker {index} exited with {proc.exitcode}; trials {recovered} failed and re-queued; "
                           f"{left} of its trials left", flush=True)
-                    if left > 0 and respawns[index] < MAX_RESPAWNS:
+                    if left > 0 and respawns[index] < MAX_RESPAWNS and proc.exitcode != INTERRUPTED:
                         respawns[index] += 1
                         self.spawn(index, left)
         except KeyboardInterrupt:
             for proc in self.procs.values():
-                proc.wait()
+                proc.join()
             recover_dead_workers(study, handler)
             return False
         recover_dead_workers(study, handler)

@@ -1,14 +1,16 @@
 """The Python API a notebook uses: run a study, load its trials as a DataFrame, write its report."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
-from model.cli import to_argv
 from model.config import ConfigError
 from model.train import OUTCOME
 from reports.generate import generate_report, load_trials
 from study import run as study_run
 from study.run import run_study
+from study.settings import settings_from_args
 
 
 def test_a_notebook_runs_a_study_loads_its_trials_and_writes_its_report(workdir, corpus_file):
@@ -44,9 +46,13 @@ def test_a_missing_study_raises_a_clear_error(workdir):
         load_trials("absent")
 
 
-def test_workers_get_a_command_line_that_parses_back_to_the_same_settings():
-    parser = study_run.build_parser()
+def test_workers_receive_the_settings_object_the_launcher_checked(corpus_file):
+    """A launched worker gets the checked settings themselves (spawn pickles them), not flags to parse again."""
     args = study_run.parse_args(["--trials", "7", "--preset", "smoke", "--no-compile", "--weight-decay", "0.05",
                                  "--batch-size", "4", "--sample-prompt", "A B", "--storage", "sqlite:///x.db",
-                                 "--timeout", "2.5"])
-    assert study_run.parse_args(to_argv(parser, args)) == args
+                                 "--timeout", "2.5", "--data", corpus_file, "--tracking-uri", "sqlite:///m.db"])
+    settings, corpus = settings_from_args(args)
+    received = pickle.loads(pickle.dumps(settings))
+    assert received == settings
+    assert (received.base.weight_decay, received.base.batch_size, received.base.compile) == (0.05, 4, False)
+    assert received.load_corpus().sha256 == corpus.sha256

@@ -206,14 +206,15 @@ def test_heartbeat_stale_trial_is_closed_in_mlflow_and_requeued(workdir, corpus_
 def test_trials_per_gpu_places_k_workers_on_each_gpu(monkeypatch):
     """On a (simulated) 4-GPU machine: K workers per GPU, round-robin; --device cuda:N keeps them all on GPU N."""
     from study import run as study_run
+    from study.settings import worker_count
     from study.workers import worker_env
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     args = study_run.parse_args(["--trials-per-gpu", "2"])
-    assert study_run.worker_count(args, TrainConfig(device="auto")) == 8
-    assert study_run.worker_count(args, TrainConfig(device="cuda:1")) == 2
+    assert worker_count(args, TrainConfig(device="auto")) == 8
+    assert worker_count(args, TrainConfig(device="cuda:1")) == 2
     assert [worker_env(i, threads=2)["CUDA_VISIBLE_DEVICES"] for i in range(8)] == list("01230123")
     assert "CUDA_VISIBLE_DEVICES" not in worker_env(5, threads=2, spread_gpus=False)
     assert worker_env(0, threads=2)["TORCHINDUCTOR_COMPILE_THREADS"] == "2"

@@ -1,0 +1,86 @@
+"""The two ways into a study's stores: create them once (safe however many processes start together), or join.
+
+`create_stores` makes the Optuna study with its baseline trial and MLflow's experiment and parent run, or checks
+that an existing study has the same set-up; every `python study/run.py` runs it. `join_stores` is a worker's way
+in: it opens what the set-up made and creates nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import optuna
+from optuna.distributions import distribution_to_json
+
+from model.data import Corpus
+from study.objective import OBJECTIVES
+from study.recovery import StaleTrialHandler, recover_dead_workers
+from study.settings import StudySettings
+from study.space import PRESETS
+from study.storage import StorageError, make_pruner, make_sampler, make_storage, setup_lock
+from study.tracking import StudyTracker
+
+
+def create_stores(s: StudySettings, corpus: Corpus, handler: StaleTrialHandler) -> tuple[optuna.Study, StudyTracker]:
+    """Create or resume the study in both stores; one process at a time per store, on any machine."""
+    def on_wait() -> None:
+        print(f"waiting for another process setting up a study in {s.storage_label}", flush=True)
+
+    with setup_lock(s.storage, on_wait):
+        study = _open_study(s, handler, create=True)
+        _check_same_setup(study, s)
+        if not study.trials:
+            study.enqueue_trial(PRESETS[s.preset].baseline_params(), user_attrs={"baseline": True})
+        tracker = StudyTracker(s.tracking_uri, s.study_name)
+        tracker.open(study, {"preset": s.preset, "objective": s.objective, "sampler": s.sampler, "pruner": s.pruner,
+                             "seed": s.seed, "corpus": corpus.name, "corpus_path": str(corpus.path),
+                             "corpus_sha256": corpus.sha256, "storage": s.storage_label,
+                             **{f"base.{k}": v for k, v in asdict(s.base).items()}})
+    handler.tracker = tracker
+    recovered = recover_dead_workers(study, handler)
+    if recovered:
+        print(f"trials {recovered} were left RUNNING by a worker that died: failed and re-queued", flush=True)
+    return study, tracker
+
+
+def join_stores(s: StudySettings, handler: StaleTrialHandler, worker_index: int) -> tuple[optuna.Study, StudyTracker]:
+    """A worker's study and tracker: the set-up step made both; this creates nothing."""
+    study = _open_study(s, handler, create=False)
+    tracker = StudyTracker(s.tracking_uri, s.study_name)
+    tracker.attach(study)
+    handler.tracker = tracker
+    # parallel workers must not propose the same parameters: each seeds its sampler differently
+    study.sampler = make_sampler(s.sampler, s.seed + len(study.trials) + 1000 * worker_index)
+    return study, tracker
+
+
+def _open_study(s: StudySettings, handler: StaleTrialHandler, create: bool) -> optuna.Study:
+    storage = make_storage(s.storage, s.heartbeat_interval, handler)
+    pruner = make_pruner(s.pruner, s.base.eval_interval, s.max_iters)
+    directions = OBJECTIVES[s.objective]
+    if create:
+        study = optuna.create_study(storage=storage, study_name=s.study_name, directions=list(directions),
+                                    pruner=pruner, load_if_exists=True)
+    else:
+        study = optuna.load_study(storage=storage, study_name=s.study_name, pruner=pruner)
+    if len(study.directions) != len(directions):
+        raise StorageError(f"study {s.study_name!r} has {len(study.directions)} objective(s); "
+                           f"--objective {s.objective} needs {len(directions)}: pick another --study-name")
+    # a resumed study must not replay its sampler: offset the seed by the trials already run
+    study.sampler = make_sampler(s.sampler, s.seed + len(study.trials))
+    return study
+
+
+def _check_same_setup(study: optuna.Study, s: StudySettings) -> None:
+    """A resumed study must keep its corpus, search space and fixed settings, or its trials stop comparing."""
+    setup = {"corpus_sha256": s.corpus_sha256,
+             "space": {k: distribution_to_json(v) for k, v in s.space.items()},
+             "fixed": {k: v for k, v in asdict(s.base).items() if k not in ("device", "compile")}}
+    stored = study.user_attrs.get("setup")
+    if stored is None:
+        if not study.trials:
+            study.set_user_attr("setup", setup)
+        return
+    differs = [k for k in setup if stored.get(k) != setup[k]]
+    if differs:
+        raise StorageError(f"study {s.study_name!r} was created with another {' and '.join(differs)} "
+                           "(corpus, --space, preset or fixed flags); resume it unchanged or pick another --study-name")
