@@ -83,8 +83,8 @@ def make_pruner(name: str, eval_interval: int, max_iters: int) -> optuna.pruners
 
 
 # Every study process talks to an RDB through at most this many connections: one for the trial loop, one more while
-# Optuna's heartbeat thread (or a second thread) writes at the same moment. 8 workers and their launcher hold at
-# most 18 of PostgreSQL's default 100.
+# Optuna's heartbeat thread writes at the same moment; the process setting a study up holds one more, the set-up
+# lock's, for the seconds that takes. 8 workers and their launcher hold at most 19 of PostgreSQL's default 100.
 POOL_SIZE, POOL_OVERFLOW = 1, 1
 APPLICATION_NAME = "chargpt-study"  # pg_stat_activity shows "chargpt-study:<pid>" for each connection
 SETUP_LOCK_KEY = 0x63686172677074  # the PostgreSQL advisory lock serialising study set-ups in one database

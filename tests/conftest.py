@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest.register_assert_rewrite("study_helpers")  # its assert helpers explain their failures as tests' asserts do
+
 from model.config import TrainConfig
 from model.data import load_corpus
 

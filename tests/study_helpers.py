@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -18,6 +21,30 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from study import run as study_run
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES = os.environ.get("CHARGPT_TEST_POSTGRES")
+needs_postgres = pytest.mark.skipif(not POSTGRES, reason="set CHARGPT_TEST_POSTGRES to a PostgreSQL URL (.ci/run does)")
+SLOW_TRIALS = "max_iters:\n  low: 800\n  high: 800\n"  # trials long enough to be killed in the middle
+
+
+def study_cmd(corpus_file: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "study" / "run.py"), "--preset", "smoke", "--device", "cpu",
+            "--data", corpus_file, "--pruner", "none", *args]
+
+
+def env_without_tracking() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+def assert_counts_match(study: optuna.Study, client: MlflowClient, expected: int) -> None:
+    assert len(study.trials) == expected
+    assert sorted(t.number for t in study.trials) == list(range(expected))
+    (parent,) = parent_runs(client, study.study_name)
+    children = child_runs(client, study.study_name)
+    assert len(children) == expected
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == list(range(expected))
 
 
 def run_study(*args: str) -> int:
@@ -104,3 +131,45 @@ def fresh_postgres_database(admin_url: str) -> str:
     with psycopg.connect(admin_url.replace("postgresql://", "postgresql://", 1), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on loopback (Debian's binaries) that a test may stop and start again."""
+
+    def __init__(self):
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not found:
+            pytest.skip("PostgreSQL's binaries are not installed (.ci/run installs them)")
+        self.bin = found[-1].parent
+        self.data = Path(tempfile.mkdtemp(prefix="chargpt-test-pg-"))  # outside pytest's private tmp: postgres reads it
+        self.port = free_port()
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_postgres:
+            shutil.chown(self.data, "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_postgres, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-w", "-t", "90",
+                  "-o", f"-h 127.0.0.1 -p {self.port} -k {self.data}", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self.stop()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+def connections_by_process(admin_url: str, application: str) -> dict[str, int]:
+    """Open connections to the server per application_name starting with `application`."""
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity "
+                            "WHERE application_name LIKE %s GROUP BY 1", (application + "%",)).fetchall()
+    return dict(rows)

@@ -4,9 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -16,32 +14,9 @@ from optuna.trial import TrialState
 
 from model.config import TrainConfig
 from study.recovery import STALE_ATTR
-from study_helpers import child_runs, fresh_postgres_database, load_study, parent_runs, run_study, start_mlflow_server
-
-ROOT = Path(__file__).resolve().parent.parent
-POSTGRES = os.environ.get("CHARGPT_TEST_POSTGRES")
-needs_postgres = pytest.mark.skipif(not POSTGRES, reason="set CHARGPT_TEST_POSTGRES to a PostgreSQL URL (.ci/run does)")
-SLOW_TRIALS = "max_iters:\n  low: 800\n  high: 800\n"  # trials long enough to be killed in the middle
-
-
-def study_cmd(corpus_file: str, *args: str) -> list[str]:
-    return [sys.executable, str(ROOT / "study" / "run.py"), "--preset", "smoke", "--device", "cpu",
-            "--data", corpus_file, "--pruner", "none", *args]
-
-
-def env_without_tracking() -> dict:
-    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-
-
-def assert_counts_match(study: optuna.Study, client: MlflowClient, expected: int) -> None:
-    assert len(study.trials) == expected
-    assert sorted(t.number for t in study.trials) == list(range(expected))
-    (parent,) = parent_runs(client, study.study_name)
-    children = child_runs(client, study.study_name)
-    assert len(children) == expected
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert sorted(int(c.data.tags["trial_number"]) for c in children) == list(range(expected))
-
+from study_helpers import (POSTGRES, SLOW_TRIALS, assert_counts_match, child_runs, env_without_tracking,
+                           fresh_postgres_database, load_study, needs_postgres, parent_runs, run_study,
+                           start_mlflow_server, study_cmd)
 
 def test_two_workers_share_one_journal_study(workdir, corpus_file):
     assert run_study("--trials", "5", "--workers", "2", "--data", corpus_file, "--pruner", "none") == 0
