@@ -58,6 +58,8 @@ def build_parser() -> Parser:
                         f"file path (default: ./{'optuna.journal'})")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
                         "sqlite:///mlflow.db here, artifacts in ./mlruns)")
+    parser.add_argument("--spool-dir", metavar="DIR", help="where runs wait while the tracking server is away, "
+                        "until replayed (default: ./mlflow-spool)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long")
     parser.add_argument("--sample-prompt", help="prompt for every trial's sample (default: 'ROMEO:' when the "
                         "corpus has those characters, else its first 8 characters)")
@@ -194,7 +196,7 @@ def open_stores(args: argparse.Namespace, p: Plan, handler: StaleTrialHandler) -
     """Study, baseline, MLflow database, experiment and parent run: created once, before any trial runs."""
     with init_lock(args.storage, p.study_name):
         study = open_study(args, p, handler)
-        tracker = StudyTracker(p.tracking_uri, p.study_name)
+        tracker = StudyTracker(p.tracking_uri, p.study_name, args.spool_dir)
         tracker.open(study, {"preset": p.preset.name, "objective": args.objective, "sampler": args.sampler,
                              "pruner": effective_pruner(args), "seed": args.seed,
                              "corpus": p.corpus.name, "corpus_path": str(p.corpus.path),
@@ -219,11 +221,16 @@ def execute(args: argparse.Namespace) -> tuple[optuna.Study, dict | None, str]:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours to print
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A write to a tracking server that is away fails in seconds (MLflow's defaults retry for minutes) and is
+    # spooled; the timeout is per socket operation, so large uploads still go through.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if args.threads:
         torch.set_num_threads(args.threads)
     handler = StaleTrialHandler()
     p = plan(args)
     study, tracker = open_stores(args, p, handler)
+    tracker.client.catch_up()  # runs an earlier run spooled while the server was away
     worker = args.worker_index is not None
     if not worker:
         prune = effective_pruner(args) != "none"
@@ -243,6 +250,7 @@ def execute(args: argparse.Namespace) -> tuple[optuna.Study, dict | None, str]:
             summary = study_summary(study)
             tracker.finish(summary, summary.get("checkpoint_run_id"), status)
             settle_best_model(tracker, summary, p.sample)
+        tracker.client.close()
     if not worker:
         print_summary(study, summary, p.tracking_uri, args, tracker.runs_url())
     return study, summary, status
