@@ -9,7 +9,6 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 from typing import Sequence  # noqa: E402
