@@ -7,6 +7,7 @@ spool directory (study/spool_files.py), in order. Replays (study/spool_replay.py
 """
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -31,6 +32,17 @@ def server_up(tracking_uri: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _why(exc: BaseException) -> str:
+    """The gist of a transport error (MLflow's wrapping of urllib3's is a paragraph)."""
+    text = str(exc)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    if errno:
+        return errno.group(0)
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return "timed out"
+    return text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__
 
 
 def _now_ms() -> int:
@@ -106,7 +118,7 @@ class SpoolingClient:
             self._write(run_id, op, lambda rid: self.mlflow.set_terminated(rid, status, op["end_time"]))
             self._running.discard(run_id)
 
-    def call_or_spool(self, run_id: str, fn: Callable[..., Any], **kwargs) -> Any:
+    def call_or_spool(self, run_id: str, fn: Callable[..., Any], /, **kwargs) -> Any:
         """fn(MlflowClient, **kwargs) now, or spooled with run_id's writes and called at replay (run ids among the
         kwargs then resolved). For the study's compound writes (model registry, checkpoint copy); kwargs are JSON."""
         op = {"op": "call", "fn": f"{fn.__module__}:{fn.__name__}", "kwargs": kwargs}
@@ -149,10 +161,13 @@ class SpoolingClient:
         return len(set(self._own.values()))
 
     def close(self) -> None:
-        """At the process's end: one last replay when something is left, then say how what remains gets replayed."""
+        """At the study's end: one last replay when something is left, then hand what remains to later replays."""
         with self._lock:
             if self._own:
                 self.catch_up()
+            for spool in self._open.values():  # nothing more will be appended (the Python API's process goes on)
+                spool.release()
+            self._open.clear()
             if self._own:
                 print(f"tracking: {self.behind()} runs stay spooled in {self.root}; they are replayed at the study's "
                       "next run, or by `python study/sync.py` once the server is back", file=sys.stderr, flush=True)
@@ -203,7 +218,6 @@ class SpoolingClient:
         self._last_probe = time.monotonic()
         if not self.offline:
             self.offline = True
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"tracking: MLflow server at {_redact(self.tracking_uri)} unreachable ({reason[:200]}); "
+            print(f"tracking: MLflow server at {_redact(self.tracking_uri)} unreachable ({_why(exc)}); "
                   f"spooling to {self.root}, replayed when it is back", file=sys.stderr, flush=True)
 

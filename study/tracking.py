@@ -85,6 +85,7 @@ class _ClientMetricsLogger:
 
     def __init__(self, client: SpoolingClient, run_id: str):
         self.client, self.run_id = client, run_id
+        self.data: list = []  # the monitor reports how many metrics wait here: none do
 
     def record_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = _now_ms()
