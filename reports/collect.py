@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial
 
 from study.storage import DEFAULT_JOURNAL, make_storage
 from study.summary import baseline_trial, best_trial, completed_trials, trials_table
+from study.spool_replay import resolve_run_id
 from study.tracking import PARENT_RUN_ATTR, redact
 
 
@@ -38,6 +39,14 @@ class StudyData:
 
     def best(self) -> FrozenTrial | None:
         return best_trial(self.study)
+
+    def run_id(self, trial: FrozenTrial) -> str | None:
+        """The trial's MLflow run; a run spooled while the server was away is found by its local id."""
+        ref = trial.user_attrs.get("mlflow_run_id")
+        if not ref:
+            return None
+        experiment = self.client.get_experiment_by_name(self.study.study_name)
+        return resolve_run_id(self.client, experiment and experiment.experiment_id, ref)
 
     def pareto(self) -> list[FrozenTrial]:
         return sorted(self.study.best_trials, key=lambda t: t.values[0]) if self.multi_objective else []

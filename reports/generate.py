@@ -72,7 +72,7 @@ def add_samples(report: Report, data: StudyData, trials: dict, corpus, tmp: Path
     words = analysis.corpus_words(corpus.tokenizer.decode(corpus.train.tolist())) if corpus else None
     items = []
     for label, t in trials.items():
-        text = run_text(data.client, t.user_attrs.get("mlflow_run_id", ""), "sample.txt", tmp / "dl" / label)
+        text = run_text(data.client, data.run_id(t) or "", "sample.txt", tmp / "dl" / label)
         if text is None:
             continue
         share = analysis.word_share(text, words) if words else None
@@ -91,8 +91,8 @@ def add_plots(report: Report, data: StudyData, trials: dict, out: Path, importan
     report.heading("Plots")
     df, space = data.trials, plots.search_space(data.study)
     attempts = [("optimization_history.png", "Optimization history", lambda: plots.plot_history(df))]
-    curves = {label: loss_curves(data.client, t.user_attrs["mlflow_run_id"])
-              for label, t in trials.items() if t.user_attrs.get("mlflow_run_id")}
+    run_ids = {label: data.run_id(t) for label, t in trials.items()}
+    curves = {label: loss_curves(data.client, run_id) for label, run_id in run_ids.items() if run_id}
     if curves:
         attempts.append(("loss_curves.png", "Loss curves", lambda: plots.plot_loss_curves(curves)))
     if importance is not None:

@@ -29,7 +29,7 @@ from study.space import PRESETS, SEARCHED  # noqa: E402
 from study.storage import PRUNERS, SAMPLERS  # noqa: E402
 from study.summary import study_summary  # noqa: E402
 from study.tracking import first_line, redact, resolve_tracking_uri  # noqa: E402
-from study.workers import SETUP_ERRORS, Launcher, quiet_libraries, run_trials  # noqa: E402
+from study.workers import SETUP_ERRORS, Launcher, configure_libraries, run_trials  # noqa: E402
 
 PROG = "python study/run.py"
 
@@ -53,6 +53,8 @@ def build_parser() -> Parser:
                         f"file path (default: ./{'optuna.journal'})")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
                         "sqlite:///mlflow.db here, artifacts in ./mlruns)")
+    parser.add_argument("--spool-dir", metavar="DIR", help="where runs wait while the tracking server is away, "
+                        "until replayed (default: ./mlflow-spool)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS", help="stop starting trials after this long")
     parser.add_argument("--sample-prompt", help="prompt for every trial's sample (default: 'ROMEO:' when the "
                         "corpus has those characters, else its first 8 characters)")
@@ -99,11 +101,12 @@ def execute(s: StudySettings, corpus: Corpus) -> tuple[optuna.Study, dict, str]:
     Returns the study, its summary and the parent run's end status. Raises the SETUP_ERRORS (and MlflowException)
     when the stores cannot be set up: nothing has run then.
     """
-    quiet_libraries()
+    configure_libraries()
     if s.threads:
         torch.set_num_threads(s.threads)
     handler = StaleTrialHandler()
     study, tracker = create_stores(s, corpus, handler)
+    tracker.client.catch_up()  # runs an earlier run spooled while the tracking server was away
     print(f"study {s.study_name}: +{s.trials} trials ({len(study.trials)} stored), preset {s.preset}, "
           f"{s.sampler} sampler, {'no pruning' if s.pruner == 'none' else 'pruner ' + s.pruner}, "
           f"objective {s.objective}; tracking {redact(s.tracking_uri)}", flush=True)
@@ -118,6 +121,7 @@ def execute(s: StudySettings, corpus: Corpus) -> tuple[optuna.Study, dict, str]:
         summary = study_summary(study)
         tracker.finish(summary, summary.get("checkpoint_run_id"), status)
         settle_best_model(tracker, summary, s.sample)
+        tracker.client.close()
     print_summary(study, summary, s, tracker.runs_url())
     return study, summary, status
 

@@ -40,6 +40,7 @@ class StudySettings:
     workers: int = 1
     threads: int | None = None
     heartbeat_interval: int | None = 60
+    spool_dir: str | None = None  # None: ./mlflow-spool
     # what the user typed for the stores, for the commands printed at the end (None where a default applied)
     shown: dict = field(default_factory=dict)
 
@@ -86,7 +87,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[StudySettings, Corpus]
         sampler=args.sampler, pruner=args.pruner if len(OBJECTIVES[args.objective]) == 1 else "none",
         seed=args.seed, storage=args.storage, tracking_uri=tracking_uri, trials=args.trials, timeout=args.timeout,
         workers=worker_count(args, base), threads=args.threads, heartbeat_interval=args.heartbeat_interval,
-        shown={"storage": args.storage, "tracking_uri": args.tracking_uri})
+        spool_dir=args.spool_dir, shown={"storage": args.storage, "tracking_uri": args.tracking_uri})
     return settings, corpus
 
 

@@ -30,7 +30,7 @@ def create_stores(s: StudySettings, corpus: Corpus, handler: StaleTrialHandler) 
         _check_same_setup(study, s)
         if not study.trials:
             study.enqueue_trial(PRESETS[s.preset].baseline_params(), user_attrs={"baseline": True})
-        tracker = StudyTracker(s.tracking_uri, s.study_name)
+        tracker = StudyTracker(s.tracking_uri, s.study_name, s.spool_dir)
         tracker.open(study, {"preset": s.preset, "objective": s.objective, "sampler": s.sampler, "pruner": s.pruner,
                              "seed": s.seed, "corpus": corpus.name, "corpus_path": str(corpus.path),
                              "corpus_sha256": corpus.sha256, "storage": s.storage_label,
@@ -45,7 +45,7 @@ def create_stores(s: StudySettings, corpus: Corpus, handler: StaleTrialHandler) 
 def join_stores(s: StudySettings, handler: StaleTrialHandler, worker_index: int) -> tuple[optuna.Study, StudyTracker]:
     """A worker's study and tracker: the set-up step made both; this creates nothing."""
     study = _open_study(s, handler, create=False)
-    tracker = StudyTracker(s.tracking_uri, s.study_name)
+    tracker = StudyTracker(s.tracking_uri, s.study_name, s.spool_dir)
     tracker.attach(study)
     handler.tracker = tracker
     # parallel workers must not propose the same parameters: each seeds its sampler differently

@@ -19,6 +19,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from model.data import PROJECT_ROOT
+from study.spool import SpoolingClient
+from study.spool_replay import is_outage
 
 PARENT_RUN_ATTR, EXPERIMENT_ATTR = "mlflow_parent_run_id", "mlflow_experiment_id"
 CURVE_METRICS = ("train_loss", "val_loss", "lr", "tokens_per_s")
@@ -78,10 +80,49 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def start_system_metrics(run_id: str, tracking_uri: str) -> SystemMetricsMonitor | None:
+class _ClientMetricsLogger:
+    """Stands in for MLflow's BatchMetricsLogger inside the monitor: each sample is one log_batch of our client."""
+
+    def __init__(self, client: SpoolingClient, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.data: list = []  # the monitor reports how many metrics wait here: none do
+
+    def record_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = _now_ms()
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def flush(self) -> None:
+        pass
+
+
+class SpoolingSystemMetricsMonitor(SystemMetricsMonitor):
+    """MLflow's system metrics monitor (its collectors, thread and publishing) logging through the study's client.
+
+    MLflow's own loop stops for good when get_run fails, and logs through a client of its own: a tracking server
+    outage would end the samples. Here samples go on and are spooled like every other write.
+    """
+
+    def __init__(self, client: SpoolingClient, run_id: str):
+        super().__init__(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=client.tracking_uri)
+        self.mlflow_logger = _ClientMetricsLogger(client, run_id)
+
+    def monitor(self) -> None:
+        while not self._shutdown_event.is_set():
+            self.collect_metrics()
+            if self._shutdown_event.wait(self.sampling_interval):
+                return  # stop_system_metrics takes the last sample
+            try:
+                self.publish_metrics(self.aggregate_metrics())
+            except Exception as exc:  # a write the server refused: the trial goes on without more samples
+                print(f"warning: system metrics stopped for run {self._run_id} ({describe_error(exc)})",
+                      file=sys.stderr)
+                return
+
+
+def start_system_metrics(client: SpoolingClient, run_id: str) -> SystemMetricsMonitor | None:
     """MLflow's sampler of CPU, memory, disk, network (and GPU with nvidia-ml-py) logging `system/...` to the run."""
     try:
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=tracking_uri)
+        monitor = SpoolingSystemMetricsMonitor(client, run_id)
         monitor.start()
         return monitor
     except Exception as exc:  # the trial runs without them
@@ -106,7 +147,8 @@ def stop_system_metrics(monitor: SystemMetricsMonitor | None) -> None:
 class TrialRun:
     """A trial's child run; as a training callback it logs the loss curves as they come."""
 
-    def __init__(self, client: MlflowClient, run_id: str, system_metrics: SystemMetricsMonitor | None = None):
+    def __init__(self, client: MlflowClient | SpoolingClient, run_id: str,
+                 system_metrics: SystemMetricsMonitor | None = None):
         self.client, self.run_id = client, run_id
         self.history: list[dict] = []
         self.system_metrics = system_metrics
@@ -153,16 +195,16 @@ class TrialRun:
 class StudyTracker:
     """Owns the study's experiment and parent run; opens a child run for each trial."""
 
-    def __init__(self, tracking_uri: str, study_name: str):
+    def __init__(self, tracking_uri: str, study_name: str, spool_dir: str | None = None):
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        self.client = SpoolingClient(tracking_uri, spool_dir)
         self.study_name = study_name
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
 
     def open(self, study, settings: dict) -> str:
         """Create (or find) the experiment and the parent run; a resumed study reopens its parent run."""
-        self.experiment_id = self._experiment_id()
+        self.experiment_id = self.client.experiment_id = self._experiment_id()
         parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
         if parent_id and self._run_exists(parent_id):
             self.client.update_run(parent_id, status="RUNNING")
@@ -179,7 +221,7 @@ class StudyTracker:
     def attach(self, study) -> None:
         """Join the experiment and parent run that open() made for the study: a worker creates neither."""
         self.parent_run_id = study.user_attrs[PARENT_RUN_ATTR]
-        self.experiment_id = study.user_attrs.get(EXPERIMENT_ATTR) or \
+        self.experiment_id = self.client.experiment_id = study.user_attrs.get(EXPERIMENT_ATTR) or \
             self.client.get_run(self.parent_run_id).info.experiment_id
 
     def _experiment_id(self) -> str:
@@ -213,20 +255,14 @@ class StudyTracker:
     def start_trial(self, trial, config, baseline: bool, params: dict) -> TrialRun:
         tags = {"mlflow.parentRunId": self.parent_run_id, "trial_number": str(trial.number),
                 "baseline": str(baseline), "optuna_state": "RUNNING", "study_name": self.study_name}
-        run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number:03d}", tags=tags).info.run_id
+        run_id = self.client.create_run_id(self.experiment_id, f"trial-{trial.number:03d}", tags)
         all_params = {**dataclasses.asdict(config), **params}
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in all_params.items()])
-        return TrialRun(self.client, run_id, start_system_metrics(run_id, self.tracking_uri))
+        return TrialRun(self.client, run_id, start_system_metrics(self.client, run_id))
 
     def close_run(self, run_id: str, state: str, reason: str, status: str) -> None:
         """End a trial's run from outside its process (its worker died); a run already ended is left alone."""
-        try:
-            if self.client.get_run(run_id).info.status != "RUNNING":
-                return
-        except Exception:  # unknown run id: nothing to close
-            return
-        self.client.log_batch(run_id, tags=[RunTag("optuna_state", state), RunTag("failure_reason", reason)])
-        self.client.set_terminated(run_id, status)
+        self.client.call_or_spool(run_id, close_if_running, run_id=run_id, state=state, reason=reason, status=status)
 
     def finish(self, summary: dict, checkpoint_run_id: str | None, status: str = "FINISHED") -> None:
         """End the parent run with the study summary and the best trial's checkpoint."""
@@ -237,14 +273,35 @@ class StudyTracker:
                               tags=[RunTag(f"best.{k}", str(v)) for k, v in summary.get("best_params", {}).items()])
         self.client.log_dict(pid, summary, "study_summary.json")
         if checkpoint_run_id:
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    local = self.client.download_artifacts(checkpoint_run_id, "checkpoint", tmp)
-                    self.client.log_artifacts(pid, local, "best_checkpoint")
-                except Exception as exc:  # the summary still stands without the checkpoint
-                    print(f"warning: best trial's checkpoint not copied to the study run ({describe_error(exc)})",
-                          file=sys.stderr)
+            self.client.call_or_spool(pid, copy_checkpoint, from_run_id=checkpoint_run_id, to_run_id=pid)
         self.client.set_terminated(pid, status)
+
+
+def close_if_running(client: MlflowClient, run_id: str, state: str, reason: str, status: str) -> None:
+    """End a run still RUNNING with its Optuna state and why."""
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+    except Exception as exc:
+        if is_outage(exc):
+            raise
+        return  # unknown run id: nothing to close
+    client.log_batch(run_id, tags=[RunTag("optuna_state", state), RunTag("failure_reason", reason)])
+    client.set_terminated(run_id, status)
+
+
+def copy_checkpoint(client: MlflowClient, from_run_id: str, to_run_id: str) -> None:
+    """The best trial's checkpoint/ artifacts, copied to the study run's best_checkpoint/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(from_run_id, "checkpoint", tmp)
+            client.log_artifacts(to_run_id, local, "best_checkpoint")
+        except Exception as exc:
+            if is_outage(exc):
+                raise
+            # the summary still stands without the checkpoint
+            print(f"warning: best trial's checkpoint not copied to the study run ({describe_error(exc)})",
+                  file=sys.stderr)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -35,10 +35,14 @@ SETUP_ERRORS = (ConfigError, DataError, SpaceError, StorageError, TrackingError)
 INTERRUPTED = 130
 
 
-def quiet_libraries() -> None:
+def configure_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours to print
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A write to a tracking server that is away fails in seconds (MLflow's defaults retry for minutes) and is
+    # spooled; the timeout is per socket operation, so large uploads still go through.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def run_trials(s: StudySettings, corpus, study: optuna.Study, tracker: StudyTracker, handler: StaleTrialHandler,
@@ -60,7 +64,7 @@ def run_trials(s: StudySettings, corpus, study: optuna.Study, tracker: StudyTrac
 
 def worker_main(s: StudySettings, index: int, trials: int, launch_id: str, threads: int) -> None:
     """A launched worker process: join the stores, run its share of the trials, exit 0 (130 when interrupted)."""
-    quiet_libraries()
+    configure_libraries()
     torch.set_num_threads(threads)
     handler = StaleTrialHandler()
     try:
@@ -72,6 +76,8 @@ def worker_main(s: StudySettings, index: int, trials: int, launch_id: str, threa
         done = run_trials(s, corpus, study, tracker, handler, trials, index, launch_id)
     except KeyboardInterrupt:
         done = False
+    finally:
+        tracker.client.close()
     sys.exit(0 if done else INTERRUPTED)
 
 

@@ -101,26 +101,49 @@ def wait_until_up(proc: subprocess.Popen, url: str, log: Path, what: str, timeou
             time.sleep(0.5)
 
 
+class MlflowServer:
+    """A real `mlflow server` on loopback that a test can stop and start again: same port, same stores."""
+
+    def __init__(self, home: Path, backend_uri: str | None = None):
+        home.mkdir(parents=True, exist_ok=True)
+        self.home, self.port = home, free_port()
+        self.backend_uri = backend_uri or f"sqlite:///{home / 'mlflow.db'}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.home / "server.log", "a") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--backend-store-uri", self.backend_uri, "--workers", "1"],
+                cwd=self.home, stdout=log, stderr=subprocess.STDOUT)  # artifacts in home/mlartifacts
+        wait_until_up(self.proc, self.url + "/health", self.home / "server.log", "mlflow server", timeout=120)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None
+
+
 @contextlib.contextmanager
 def start_mlflow_server(home: Path, backend_uri: str | None = None):
     """A real `mlflow server` on loopback (stores under home unless backend_uri is given); yields its URL."""
-    home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", backend_uri or f"sqlite:///{home / 'mlflow.db'}",
-                             "--workers", "1"], cwd=home, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(home, backend_uri)
     try:
-        wait_until_up(proc, url + "/health", home / "server.log", "mlflow server", timeout=120)
-        yield url
+        server.start()
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 def fresh_postgres_database(admin_url: str) -> str:
