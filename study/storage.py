@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -50,11 +53,68 @@ def make_storage(url: str | None, heartbeat_interval: int | None = None, stale_c
             "heartbeat_stale_trial_callback": stale_callback}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough here
-            return RDBStorage(url, engine_kwargs=engine_kwargs(url), **heartbeat)
+            return PatientRDBStorage(url, engine_kwargs=engine_kwargs(url), **heartbeat)
     except ImportError as exc:
         raise StorageError(f"--storage {redact(url)}: database driver missing ({exc})") from None
     except Exception as exc:  # sqlalchemy's connection and URL errors have no common base worth naming
         raise StorageError(f"--storage {redact(url)}: cannot connect ({redact(first_line(exc))[:300]})") from None
+
+
+# How long a study waits out a database it cannot reach (a restart, a full connection table) before a call fails.
+DATABASE_PATIENCE_S = 180.0
+
+
+def connection_lost(exc: BaseException | None) -> bool:
+    """True when the error (or what caused it: Optuna wraps SQLAlchemy's) is the database not answering."""
+    while exc is not None:
+        if isinstance(exc, sqlalchemy.exc.OperationalError) or \
+                isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _patient(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        deadline, delay = time.monotonic() + DATABASE_PATIENCE_S, 0.5
+        while True:
+            try:
+                result = method(self, *args, **kwargs)
+            except Exception as exc:
+                if not connection_lost(exc) or time.monotonic() > deadline:
+                    raise
+                if not self.waiting:
+                    self.waiting = True
+                    print(f"storage: database unreachable ({first_line(exc.__cause__ or exc)[:200]}); "
+                          f"retrying for up to {DATABASE_PATIENCE_S:.0f} s", file=sys.stderr, flush=True)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+                continue
+            if self.waiting:
+                self.waiting = False
+                print("storage: database back", file=sys.stderr, flush=True)
+            return result
+    return call
+
+
+class PatientRDBStorage(RDBStorage):
+    """Optuna's RDBStorage, waiting out a database restart instead of failing the call, and with it the worker.
+
+    A trial may end, or the next one start, while the database restarts; the pool reconnects once it answers.
+    """
+
+    waiting = False
+
+
+for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+              "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+              "get_study_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+              "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param",
+              "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+              "get_trial", "get_all_trials", "get_n_trials", "get_best_trial", "record_heartbeat",
+              "_get_stale_trial_ids"):
+    setattr(PatientRDBStorage, _name, _patient(getattr(RDBStorage, _name)))
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:

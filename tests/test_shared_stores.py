@@ -124,9 +124,10 @@ def test_a_postgresql_restart_in_the_middle_of_a_trial_is_survived(tmp_path, cor
                 study = optuna.load_study(study_name="smoke-verse", storage=server.url)
             except KeyError:  # not created yet
                 return False
-            return any("mlflow_run_id" in t.user_attrs for t in study.get_trials(states=(TrialState.RUNNING,)))
+            return any("mlflow_run_id" in t.user_attrs and not t.user_attrs.get("baseline")
+                       for t in study.get_trials(states=(TrialState.RUNNING,)))
 
-        wait_for(trial_running, "the first trial to start")
+        wait_for(trial_running, "the first long trial to start")
         server.stop()
         time.sleep(8)
         server.start()
@@ -134,9 +135,33 @@ def test_a_postgresql_restart_in_the_middle_of_a_trial_is_survived(tmp_path, cor
         assert proc.wait(timeout=300) == 0, (work / "console.txt").read_text()
         study = optuna.load_study(study_name="smoke-verse", storage=server.url)
         assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
-        assert study.trials[0].datetime_complete.timestamp() > restarted  # the restart happened inside the trial
+        assert study.trials[1].datetime_complete.timestamp() > restarted  # the restart happened inside the trial
         client = MlflowClient(f"sqlite:///{Path(work) / 'mlflow.db'}")
         assert {r.info.status for r in child_runs(client, "smoke-verse")} == {"FINISHED"}
         assert len(parent_runs(client, "smoke-verse")) == 1
+    finally:
+        server.remove()
+
+
+def test_a_trial_ending_while_the_database_restarts_waits_for_it_and_is_recorded(tmp_path, corpus_file):
+    server = PostgresServer()
+    try:
+        server.start()
+        work = tmp_path / "work"
+        work.mkdir()
+        log = open(work / "console.txt", "w")
+        proc = subprocess.Popen(study_cmd(corpus_file, "--trials", "3", "--storage", server.url), cwd=work,
+                                env=env_without_tracking(), stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: "trial   0 COMPLETE" in (work / "console.txt").read_text() or proc.poll() is not None,
+                 "the first trial to end")
+        server.stop()  # the next trials (a few seconds each) start and end while it is down
+        wait_for(lambda: "storage: database unreachable" in (work / "console.txt").read_text()
+                 or proc.poll() is not None, "the study to find the database gone")
+        assert proc.poll() is None, (work / "console.txt").read_text()
+        server.start()
+        assert proc.wait(timeout=300) == 0, (work / "console.txt").read_text()
+        assert "storage: database back" in (work / "console.txt").read_text()
+        study = optuna.load_study(study_name="smoke-verse", storage=server.url)
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     finally:
         server.remove()
