@@ -93,7 +93,9 @@ def replay_root(client: MlflowClient, root: Path, tracking_uri: str, own: dict[P
                 result.outage = exc
                 return result
             raise
-        result.replayed[spool.ref] = run_id
+        # a run's later directory may hold only compound writes: keep the id an earlier one resolved
+        result.replayed[spool.ref] = run_id or result.replayed.get(spool.ref) or \
+            (None if is_spool_id(spool.ref) else spool.ref)
         own.pop(path, None)
         spool.delete()
     return result

@@ -39,6 +39,7 @@ def configure_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours to print
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the study prints its runs page once
     # A write to a tracking server that is away fails in seconds (MLflow's defaults retry for minutes) and is
     # spooled; the timeout is per socket operation, so large uploads still go through.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
