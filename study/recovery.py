@@ -16,8 +16,9 @@ def mark_worker(trial: optuna.Trial) -> None:
     """Record which process runs the trial, so a later run can tell whether it is still alive."""
     me = psutil.Process()
     trial.set_user_attr(HOST_ATTR, socket.gethostname())
-    trial.set_user_attr(PID_ATTR, me.pid)
     trial.set_user_attr(STARTED_ATTR, me.create_time())
+    # the pid last: worker_alive judges only trials that have it, and then sees the host and start time too
+    trial.set_user_attr(PID_ATTR, me.pid)
 
 
 def worker_alive(attrs: dict) -> bool | None:
