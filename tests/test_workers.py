@@ -195,3 +195,22 @@ def test_trials_per_gpu_places_k_workers_on_each_gpu(monkeypatch):
     assert worker_env(0, threads=2)["TORCHINDUCTOR_COMPILE_THREADS"] == "2"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     assert [worker_env(i, threads=2)["CUDA_VISIBLE_DEVICES"] for i in range(5)] == ["4", "5", "6", "7", "4"]
+
+
+def test_a_trial_whose_worker_is_still_being_recorded_is_never_taken_for_a_dead_one():
+    """Another worker may look at the trial between any two of the writes that record its process."""
+    from study.recovery import StaleTrialHandler, mark_worker, recover_dead_workers
+
+    study = optuna.create_study()
+    trial = study.ask()
+    write = trial.set_user_attr
+    recovered = []
+
+    def write_then_look(key, value):
+        write(key, value)
+        recovered.extend(recover_dead_workers(study, StaleTrialHandler()))
+
+    trial.set_user_attr = write_then_look
+    mark_worker(trial)
+    assert recovered == []
+    assert study.trials[0].state == TrialState.RUNNING
