@@ -54,7 +54,8 @@ def print_summary(study: optuna.Study, summary: dict, settings, runs_url: str) -
     print(f"\n{summary['n_trials']} trials in study {study.study_name}: {summary['n_complete']} complete, "
           f"{summary['n_pruned']} pruned, {summary['n_failed']} failed")
     best, base = best_trial(study), baseline_trial(study)
-    if best is not None and base is not None and base.state == TrialState.COMPLETE:
+    # the summary's snapshot decides: workers elsewhere may have finished trials since it was taken
+    if best is not None and base is not None and "baseline_best_val_loss" in summary:
         table = comparison_table(base, best)[["baseline", "tuned", "change_pct"]]
         print(table.drop(["val_loss", "train_loss", "generalization_gap", "startup_s"]).to_string(
             float_format=lambda v: f"{v:.4g}", na_rep=""))

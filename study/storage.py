@@ -67,9 +67,9 @@ DATABASE_PATIENCE_S = 180.0
 def connection_lost(exc: BaseException | None) -> bool:
     """True when the error (or what caused it: Optuna wraps SQLAlchemy's) is the database not answering."""
     while exc is not None:
-        if isinstance(exc, sqlalchemy.exc.OperationalError) or \
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.PendingRollbackError)) or \
                 isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-            return True
+            return True  # PendingRollbackError: a session whose rollback failed with the connection
         exc = exc.__cause__ or exc.__context__
     return False
 
@@ -88,6 +88,8 @@ def _patient(method):
                     self.waiting = True
                     print(f"storage: database unreachable ({first_line(exc.__cause__ or exc)[:200]}); "
                           f"retrying for up to {DATABASE_PATIENCE_S:.0f} s", file=sys.stderr, flush=True)
+                with contextlib.suppress(Exception):
+                    self.remove_session()  # the thread's session may hold the dead connection's failed transaction
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
                 continue
@@ -113,7 +115,8 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param",
               "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
               "get_trial", "get_all_trials", "get_n_trials", "get_best_trial", "record_heartbeat",
-              "_get_stale_trial_ids"):
+              # what Optuna's cache in front of every RDB storage calls instead of the public methods
+              "_create_new_trial", "_get_trials", "_get_best_trial_id", "_set_trial_param", "_get_stale_trial_ids"):
     setattr(PatientRDBStorage, _name, _patient(getattr(RDBStorage, _name)))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -53,6 +54,14 @@ def run_study(*args: str) -> int:
         return study_run.main(["--preset", "smoke", "--device", "cpu", *args])
     except SystemExit as exc:
         return exc.code
+
+
+@functools.cache
+def rdb_storage(url: str):
+    """One storage per database for the whole test session: a fresh one per poll would hold a connection each until
+    the garbage collector gets to it. Make it before starting workers: on a fresh database it creates the schema."""
+    from study.storage import make_storage
+    return make_storage(url)
 
 
 def load_study(workdir, name: str = "smoke-verse") -> optuna.Study:

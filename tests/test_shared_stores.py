@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from study.storage import APPLICATION_NAME, POOL_OVERFLOW, POOL_SIZE, make_storage, setup_lock
 from study_helpers import (POSTGRES, SLOW_TRIALS, PostgresServer, assert_counts_match, child_runs,
                            connections_by_process, env_without_tracking, fresh_postgres_database, needs_postgres,
-                           parent_runs, start_mlflow_server, study_cmd)
+                           parent_runs, rdb_storage, start_mlflow_server, study_cmd)
 
 WAITING = "waiting for another process setting up a study"
 
@@ -63,7 +63,8 @@ def test_workers_from_three_machines_starting_one_fresh_study_at_once_make_one_s
                  "every worker to wait for the set-up lock")
     for proc, work in zip(procs, machines):
         assert proc.wait(timeout=300) == 0, (work / "console.txt").read_text()
-    study = optuna.load_study(study_name="smoke-verse", storage=make_storage(storage))
+    study = optuna.load_study(study_name="smoke-verse", storage=rdb_storage(storage) if "://" in storage
+                              else make_storage(storage))
     client = MlflowClient(tracking)
     assert_counts_match(study, client, 3)  # one parent run, every trial's run under it
     assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["smoke-verse"]
@@ -99,7 +100,8 @@ def test_eight_workers_each_hold_at_most_two_database_connections_and_their_laun
             watcher.join()
         assert launcher.returncode == 0, out
         assert "too many clients" not in out
-        assert_counts_match(optuna.load_study(study_name="smoke-verse", storage=optuna_db), MlflowClient(url), 8)
+        assert_counts_match(optuna.load_study(study_name="smoke-verse", storage=rdb_storage(optuna_db)),
+                            MlflowClient(url), 8)
     assert len(most) >= 9, most  # the launcher and its 8 workers were seen connected
     launcher_most = most.pop(f"{APPLICATION_NAME}:{launcher.pid}")
     assert launcher_most <= POOL_SIZE + POOL_OVERFLOW + 1 == 3, most  # + the set-up lock's, while it sets up
@@ -114,6 +116,7 @@ def test_a_postgresql_restart_in_the_middle_of_a_trial_is_survived(tmp_path, cor
         space.write_text(SLOW_TRIALS.replace("800", "1500"))  # a trial long enough to outlast the restart
         work = tmp_path / "work"
         work.mkdir()
+        storage = rdb_storage(server.url)
         log = open(work / "console.txt", "w")
         proc = subprocess.Popen(study_cmd(corpus_file, "--trials", "2", "--storage", server.url, "--space", str(space)),
                                 cwd=work, env=env_without_tracking(), stdout=log, stderr=subprocess.STDOUT)
@@ -121,7 +124,7 @@ def test_a_postgresql_restart_in_the_middle_of_a_trial_is_survived(tmp_path, cor
         def trial_running() -> bool:
             assert proc.poll() is None, (work / "console.txt").read_text()
             try:
-                study = optuna.load_study(study_name="smoke-verse", storage=server.url)
+                study = optuna.load_study(study_name="smoke-verse", storage=storage)
             except KeyError:  # not created yet
                 return False
             return any("mlflow_run_id" in t.user_attrs and not t.user_attrs.get("baseline")
@@ -133,7 +136,7 @@ def test_a_postgresql_restart_in_the_middle_of_a_trial_is_survived(tmp_path, cor
         server.start()
         restarted = time.time()
         assert proc.wait(timeout=300) == 0, (work / "console.txt").read_text()
-        study = optuna.load_study(study_name="smoke-verse", storage=server.url)
+        study = optuna.load_study(study_name="smoke-verse", storage=rdb_storage(server.url))
         assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
         assert study.trials[1].datetime_complete.timestamp() > restarted  # the restart happened inside the trial
         client = MlflowClient(f"sqlite:///{Path(work) / 'mlflow.db'}")
@@ -161,7 +164,8 @@ def test_a_trial_ending_while_the_database_restarts_waits_for_it_and_is_recorded
         server.start()
         assert proc.wait(timeout=300) == 0, (work / "console.txt").read_text()
         assert "storage: database back" in (work / "console.txt").read_text()
-        study = optuna.load_study(study_name="smoke-verse", storage=server.url)
-        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+        study = optuna.load_study(study_name="smoke-verse", storage=rdb_storage(server.url))
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3, \
+            [t.user_attrs.get("fail_reason") for t in study.trials]
     finally:
         server.remove()

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from model.config import TrainConfig
 from study.recovery import STALE_ATTR
 from study_helpers import (POSTGRES, SLOW_TRIALS, assert_counts_match, child_runs, env_without_tracking,
-                           fresh_postgres_database, load_study, needs_postgres, parent_runs, run_study,
+                           fresh_postgres_database, load_study, needs_postgres, parent_runs, rdb_storage, run_study,
                            start_mlflow_server, study_cmd)
 
 def test_two_workers_share_one_journal_study(workdir, corpus_file):
@@ -116,7 +116,7 @@ def test_workers_on_postgres_and_an_mlflow_server_backed_by_postgres(tmp_path, c
                                         "--tracking-uri", url), cwd=work, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        study = optuna.load_study(study_name="smoke-verse", storage=optuna_db)
+        study = optuna.load_study(study_name="smoke-verse", storage=rdb_storage(optuna_db))
         client = MlflowClient(url)
         assert_counts_match(study, client, 6)
         (parent,) = parent_runs(client, "smoke-verse")
@@ -133,9 +133,10 @@ def test_sigkilled_worker_on_postgres_is_failed_and_requeued_by_a_living_one(tmp
     work = tmp_path / "work"
     work.mkdir()
     args = ("--trials", "3", "--storage", url, "--space", str(space), "--heartbeat-interval", "1")
+    storage = rdb_storage(url)
     procs = [subprocess.Popen(study_cmd(corpus_file, *args), cwd=work, env=env_without_tracking(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    victim_trial = kill_a_worker_mid_trial(lambda: optuna.load_study(study_name="smoke-verse", storage=url),
+    victim_trial = kill_a_worker_mid_trial(lambda: optuna.load_study(study_name="smoke-verse", storage=storage),
                                            procs[0])
     # the killed process may be either; the survivor goes on and picks up the re-queued trial
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -145,7 +146,7 @@ def test_sigkilled_worker_on_postgres_is_failed_and_requeued_by_a_living_one(tmp
     rerun = subprocess.run(study_cmd(corpus_file, *args[:1], "1", *args[2:]), cwd=work, env=env_without_tracking(),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    study = optuna.load_study(study_name="smoke-verse", storage=url)
+    study = optuna.load_study(study_name="smoke-verse", storage=storage)
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     finished = sum(1 for t in study.trials if t.state.is_finished() and t.number != victim_trial)
     assert_recovered(study, client, victim_trial, finished=finished)
