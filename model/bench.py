@@ -2,7 +2,8 @@
 
 Each configuration is timed two ways, alternating in one process so machine noise hits both alike:
 `train()` itself (evals excluded, as it reports), and a bare forward/backward/AdamW loop over the same
-network on a fixed batch. Their ratio is the training loop's overhead.
+network on a fixed batch. Their ratio is the training loop's overhead. Rows are measured in turn within each
+repeat, and the last column compares each row's tokens/s with the first's (`--dropout 0 0.1`: dropout's cost).
 """
 from __future__ import annotations
 
@@ -67,20 +68,29 @@ def bare_loop_tokens_per_s(config: TrainConfig, vocab_size: int, iters: int, war
     return iters * config.batch_size * config.block_size / (time.perf_counter() - start)
 
 
-def bench(name: str, config: TrainConfig, corpus, iters: int, repeats: int) -> None:
-    device = resolve_device(config.device)
+def measure(config: TrainConfig, corpus, iters: int) -> tuple[float, float, int]:
+    """(train() tokens/s, bare loop tokens/s, parameters) of one repeat."""
     cfg = config.replace(max_iters=iters + 1, eval_interval=iters + 1, eval_iters=1, warmup_iters=0)
-    loop, bare = [], []
+    result = train(cfg, corpus)
+    return result.tokens_per_s, bare_loop_tokens_per_s(cfg, corpus.vocab_size, iters, warmup=3), result.n_params
+
+
+def bench(rows: dict[str, TrainConfig], corpus, iters: int, repeats: int) -> None:
+    """One line per row; each repeat measures every row in turn, so machine noise hits all rows alike."""
+    runs = {name: [] for name in rows}
     for _ in range(repeats):
-        result = train(cfg, corpus)
-        loop.append(result.tokens_per_s)
-        bare.append(bare_loop_tokens_per_s(cfg, corpus.vocab_size, iters, warmup=3))
-    tok_s, bare_tok_s = statistics.median(loop), statistics.median(bare)
-    tokens_per_iter = cfg.batch_size * cfg.block_size
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    mfu = f"{flops_per_iter(cfg, result.n_params) * tok_s / tokens_per_iter / peak:6.1%}" if peak else "   n/a"
-    print(f"{name:<17} {result.n_params / 1e6:6.2f}M  {device.type:<5} {1000 * tokens_per_iter / tok_s:9.2f} "
-          f"{tok_s:12,.0f} {mfu}  {bare_tok_s:12,.0f} {tok_s / bare_tok_s:8.3f}", flush=True)
+        for name, config in rows.items():
+            runs[name].append(measure(config, corpus, iters))
+    first = None
+    for name, config in rows.items():
+        tok_s, bare_tok_s = (statistics.median(r[i] for r in runs[name]) for i in (0, 1))
+        n_params, first = runs[name][0][2], first or tok_s
+        device = resolve_device(config.device)
+        tokens_per_iter = config.batch_size * config.block_size
+        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        mfu = f"{flops_per_iter(config, n_params) * tok_s / tokens_per_iter / peak:6.1%}" if peak else "   n/a"
+        print(f"{name:<24} {n_params / 1e6:6.2f}M  {device.type:<5} {1000 * tokens_per_iter / tok_s:9.2f} "
+              f"{tok_s:12,.0f} {mfu}  {bare_tok_s:12,.0f} {tok_s / bare_tok_s:8.3f} {tok_s / first:8.3f}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -95,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--iters", type=int, default=100, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements; medians are printed")
+    parser.add_argument("--dropout", type=float, nargs="+", metavar="P",
+                        help="one row per dropout probability, measured alternately (default: the config's own)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile (default: on for CUDA)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     args = parser.parse_args(argv)
@@ -104,19 +116,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         device = resolve_device(args.device)
         corpus = load_corpus(args.data)
         configs = {name: NAMED[name].replace(device=args.device, compile=args.compile) for name in NAMED}
-        for config in configs.values():
+        names = [args.config] if args.config not in (None, "all") else list(NAMED)
+        if args.config is None and device.type != "cuda":
+            names = ["baby"]
+        rows = {name: configs[name] for name in names}
+        if args.dropout:
+            rows = {f"{name} dropout={p:g}": configs[name].replace(dropout=p) for name in names for p in args.dropout}
+        for config in rows.values():
             corpus.check_block_size(config.block_size)
     except (ConfigError, DataError) as exc:
         fail(str(exc), parser.prog)
-    names = [args.config] if args.config not in (None, "all") else list(NAMED)
-    if args.config is None and device.type != "cuda":
-        names = ["baby"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__} on {where}; {args.iters} steps x {args.repeats} repeats, medians")
-    print(f"{'config':<17} {'params':>7}  {'dev':<5} {'ms/iter':>9} {'tokens/s':>12} {'MFU':>6}  "
-          f"{'bare tok/s':>12} {'loop/bare':>8}")
-    for name in names:
-        bench(name, configs[name], corpus, args.iters, args.repeats)
+    print(f"{'config':<24} {'params':>7}  {'dev':<5} {'ms/iter':>9} {'tokens/s':>12} {'MFU':>6}  "
+          f"{'bare tok/s':>12} {'loop/bare':>8} {'vs row 1':>8}")
+    bench(rows, corpus, args.iters, args.repeats)
 
 
 if __name__ == "__main__":

@@ -112,9 +112,18 @@ def test_bench_prints_throughput_and_loop_overhead(text_file):
     assert proc.returncode == 0, proc.stderr
     header, row = proc.stdout.splitlines()[1:3]
     assert header.split()[:4] == ["config", "params", "dev", "ms/iter"]
-    name, params, device, ms, tokens_per_s, mfu, bare, ratio = row.split()
-    assert (name, params, device, mfu) == ("baby", "0.80M", "cpu", "n/a")  # no bf16 peak for a CPU
+    name, params, device, ms, tokens_per_s, mfu, bare, ratio, vs_first = row.split()
+    assert (name, params, device, mfu, vs_first) == ("baby", "0.80M", "cpu", "n/a", "1.000")  # no bf16 CPU peak
     assert float(ms) > 0 and float(tokens_per_s.replace(",", "")) > 0 and 0 < float(ratio) < 2
+
+
+def test_bench_measures_one_row_per_dropout(text_file):
+    proc = run_module("model.bench", "--data", str(text_file), "--device", "cpu", "--iters", "2", "--repeats", "1",
+                      "--dropout", "0", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["baby", "dropout=0"], ["baby", "dropout=0.1"]]
+    assert rows[0][-1] == "1.000" and float(rows[1][-1]) > 0
 
 
 def test_mfu_accounting_follows_nanogpt():

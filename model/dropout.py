@@ -1,0 +1,80 @@
+"""Dropout with a cheap random mask on the CPU, and causal attention that applies it to the attention weights.
+
+torch's CPU dropout draws one random double per element, one element at a time (bernoulli_): for the baby GPT that
+costs more than the rest of a training step. Here a mask reads 16 random bits per element, drawn as whole 64-bit
+words, seen as four int16 each: an element is dropped where its int16 falls below a threshold. The drop probability
+is p rounded to a multiple of 2**-16 (at most 8e-6 away), and survivors are scaled by 1 / (1 - that probability), so
+the output's expectation equals the input, as with nn.Dropout. The bits come from torch's default generator, which
+torch.manual_seed seeds, as it seeds nn.Dropout.
+
+Other devices keep torch's own dropout and fused attention: CUDA draws its masks in parallel, inside the kernels.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LEVELS = 1 << 16  # one int16's values
+
+
+def drop_levels(p: float) -> int:
+    """How many of the 2**16 int16 values drop an element: p rounded to a multiple of 2**-16, below 1."""
+    return min(LEVELS - 1, round(p * LEVELS))
+
+
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """0 where an element is dropped (probability p), 1 / (1 - p) where it is kept."""
+    drop = drop_levels(p)
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
+    bits = words.view(torch.int16)[:n].view(shape)
+    # an element is kept where its int16 is >= -32768 + drop: 2**16 - drop of the 2**16 equally likely values.
+    # Spelled as float arithmetic (clamp to {keep - 1, keep}, shift to {0, 1}): on the CPU that is several times
+    # faster than a comparison, whose bool kernels are not vectorised.
+    keep = -32768 + drop
+    return bits.to(dtype).clamp_(keep - 1, keep).sub_(keep - 1).mul_(LEVELS / (LEVELS - drop))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    return x * keep_mask(x.shape, p, x.dtype)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout's behaviour (train mode only, expectation kept), with the CPU mask above."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs), causal) v with dropout p on the attention weights; q, k, v are (B, nh, T, hs)."""
+    if not (training and p > 0.0 and q.device.type == "cpu"):  # fused kernels (flash on CUDA)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p if training else 0.0, is_causal=True)
+    # On the CPU a fused kernel with dropout draws its mask with bernoulli_; spelled out, the mask is cheap.
+    B, nh, T, hs = q.shape
+    # scores, scaled and causally masked in one matmul: -inf above the diagonal, so row t weighs positions <= t
+    att = torch.baddbmm(_future_bias(T, q.dtype, q.device), q.reshape(B * nh, T, hs),
+                        k.reshape(B * nh, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs))  # (B * nh, T, T)
+    att = F.softmax(att, dim=-1).view(B, nh, T, T)
+    return dropout(att, p, training=True) @ v  # (B, nh, T, hs)
+
+
+@functools.lru_cache(maxsize=16)
+def _future_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(T, T): 0 on and below the diagonal, -inf above it."""
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
