@@ -46,7 +46,8 @@ def shared_stores(request, tmp_path):
         yield optuna_db, url
 
 
-@pytest.mark.parametrize("shared_stores", ["files", "postgres"], indirect=True)
+# on files, three processes of one machine: the lock is the same flock the default run's journal tests take
+@pytest.mark.parametrize("shared_stores", [pytest.param("files", marks=pytest.mark.slow), "postgres"], indirect=True)
 def test_workers_from_three_machines_starting_one_fresh_study_at_once_make_one_study(shared_stores, tmp_path,
                                                                                       corpus_file):
     storage, tracking = shared_stores
@@ -146,6 +147,7 @@ def test_a_postgresql_restart_in_the_middle_of_a_trial_is_survived(tmp_path, cor
         server.remove()
 
 
+@pytest.mark.slow  # the default run restarts the database mid-trial once
 def test_a_trial_ending_while_the_database_restarts_waits_for_it_and_is_recorded(tmp_path, corpus_file):
     server = PostgresServer()
     try:

@@ -47,6 +47,7 @@ def test_a_trial_trains_the_same_alone_or_beside_other_workers(workdir, corpus_f
     assert [t.value for t in together] == [alone.value] * 2
 
 
+@pytest.mark.slow  # covered in the default run by test_shared_stores' three machines on PostgreSQL
 def test_fresh_stores_touched_by_three_processes_at_once(workdir, corpus_file):
     procs = [subprocess.Popen(study_cmd(corpus_file, "--trials", "1"), cwd=workdir, env=env_without_tracking(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
@@ -105,6 +106,7 @@ def test_sigkilled_journal_worker_is_replaced_and_its_trial_requeued(workdir, co
     assert_recovered(load_study(workdir), MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), killed, finished=4)
 
 
+@pytest.mark.slow  # covered in the default run by test_shared_stores' PostgreSQL and MLflow-server tests
 @needs_postgres
 def test_workers_on_postgres_and_an_mlflow_server_backed_by_postgres(tmp_path, corpus_file):
     optuna_db, mlflow_db = fresh_postgres_database(POSTGRES), fresh_postgres_database(POSTGRES)
