@@ -29,18 +29,22 @@ def drop_levels(p: float) -> int:
 def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
     """0 where an element is dropped (probability p), 1 / (1 - p) where it is kept."""
     drop = drop_levels(p)
+    if drop == 0:  # p below half a level drops nothing (and keep - 1 below would not fit an int16)
+        return torch.ones(shape, dtype=dtype)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
     bits = words.view(torch.int16)[:n].view(shape)
     # an element is kept where its int16 is >= -32768 + drop: 2**16 - drop of the 2**16 equally likely values.
-    # Spelled as float arithmetic (clamp to {keep - 1, keep}, shift to {0, 1}): on the CPU that is several times
-    # faster than a comparison, whose bool kernels are not vectorised.
+    # Spelled as arithmetic on the int16s in place (clamp to {keep - 1, keep}, shift to {0, 1}), then one scaling
+    # that writes the floats: on the CPU that is several times faster than a comparison, whose bool kernels are
+    # not vectorised, and the int16 passes move half the bytes of float ones.
     keep = -32768 + drop
-    return bits.to(dtype).clamp_(keep - 1, keep).sub_(keep - 1).mul_(LEVELS / (LEVELS - drop))
+    scale = torch.tensor(LEVELS / (LEVELS - drop), dtype=dtype)  # int16 * a scalar of dtype: a tensor of dtype
+    return torch.mul(bits.clamp_(keep - 1, keep).sub_(keep - 1), scale)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    if not training or p == 0.0:
+    if not training or drop_levels(p) == 0:  # p below half a level drops nothing
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)

@@ -16,6 +16,7 @@ from model.train import resolve_device, train
 from study.recovery import StaleTrialHandler, mark_worker, recover_dead_workers
 from study.registry import register_best_model
 from study.space import suggest_params
+from study.storage import schedule_point
 from study.summary import completed_trials
 from study.tracking import StudyTracker, code_version, describe_error, format_traceback
 
@@ -34,13 +35,18 @@ class SampleSpec:
 
 
 class ReportToOptuna:
-    """Training callback: report val loss at each eval and stop the trial when the pruner says so."""
+    """Training callback: report val loss at each eval, at its point of the schedule, and stop the trial when the
+    pruner says so (the training step it stopped at is user attribute `pruned_at_step`)."""
 
     def __init__(self, trial: optuna.Trial, max_iters: int):
-        self.trial, self.max_iters = trial, max_iters
+        self.trial, self.max_iters, self.last_point = trial, max_iters, None
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.trial.report(metrics["val_loss"], step)
+        point = schedule_point(step, self.max_iters)
+        if point == self.last_point:  # evals closer than a thousandth of the schedule: the first one counts
+            return
+        self.last_point = point
+        self.trial.report(metrics["val_loss"], point)
         if step < self.max_iters and self.trial.should_prune():  # at the last step there is nothing left to save
             self.trial.set_user_attr("pruned_at_step", step)
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics['val_loss']:.4f})")

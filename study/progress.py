@@ -24,7 +24,8 @@ def trial_line(t: FrozenTrial) -> str:
     if t.state == TrialState.COMPLETE:
         outcome = f"val {t.values[0]:.4f}" + (f", {t.values[1]:.0f}s" if len(t.values) > 1 else "")
     elif t.state == TrialState.PRUNED:
-        outcome = f"at step {t.last_step}, val {t.intermediate_values[t.last_step]:.4f}" if t.last_step else ""
+        outcome = (f"at step {t.user_attrs.get('pruned_at_step', '?')}, val {t.intermediate_values[t.last_step]:.4f}"
+                   if t.last_step is not None else "")
     else:
         outcome = t.user_attrs.get("fail_reason", "")
     seconds = t.duration.total_seconds() if t.duration else float("nan")

@@ -45,8 +45,9 @@ def build_parser() -> Parser:
     parser.add_argument("--objective", choices=list(OBJECTIVES), default="loss",
                         help="loss: minimise best val loss; loss-time: val loss and runtime, a Pareto front")
     parser.add_argument("--sampler", choices=SAMPLERS, default="tpe")
-    parser.add_argument("--pruner", choices=PRUNERS, default="hyperband",
-                        help="prunes on the val loss at each eval (single-objective studies only)")
+    parser.add_argument("--pruner", choices=PRUNERS, default="asha",
+                        help="prunes on the val loss at each eval, against the other trials at the same point of "
+                        "their schedules (default: asha, successive halving; single-objective studies only)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the sampler and every trial's training")
     parser.add_argument("--study-name", help="default: <preset>-<corpus>[-loss-time]; an existing name resumes")
     parser.add_argument("--storage", metavar="URL", help="RDB URL (sqlite:///..., postgresql://...) or journal "

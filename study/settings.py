@@ -48,10 +48,6 @@ class StudySettings:
     def storage_label(self) -> str:
         return redact(self.storage or DEFAULT_JOURNAL)
 
-    @property
-    def max_iters(self) -> int:
-        return max(values_of(self.space["max_iters"]) or [self.space["max_iters"].high])
-
     def load_corpus(self) -> Corpus:
         """The corpus the settings were checked against; a file changed since then is refused."""
         corpus = load_corpus(self.data_path)

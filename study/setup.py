@@ -55,7 +55,7 @@ def join_stores(s: StudySettings, handler: StaleTrialHandler, worker_index: int)
 
 def _open_study(s: StudySettings, handler: StaleTrialHandler, create: bool) -> optuna.Study:
     storage = make_storage(s.storage, s.heartbeat_interval, handler)
-    pruner = make_pruner(s.pruner, s.base.eval_interval, s.max_iters)
+    pruner = make_pruner(s.pruner)
     directions = OBJECTIVES[s.objective]
     if create:
         study = optuna.create_study(storage=storage, study_name=s.study_name, directions=list(directions),
@@ -72,7 +72,7 @@ def _open_study(s: StudySettings, handler: StaleTrialHandler, create: bool) -> o
 
 def _check_same_setup(study: optuna.Study, s: StudySettings) -> None:
     """A resumed study must keep its corpus, search space and fixed settings, or its trials stop comparing."""
-    setup = {"corpus_sha256": s.corpus_sha256,
+    setup = {"corpus_sha256": s.corpus_sha256, "pruning_axis": "thousandths of the schedule",
              "space": {k: distribution_to_json(v) for k, v in s.space.items()},
              "fixed": {k: v for k, v in asdict(s.base).items() if k not in ("device", "compile")}}
     stored = study.user_attrs.get("setup")

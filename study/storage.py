@@ -19,7 +19,18 @@ from study.tracking import first_line, redact
 
 DEFAULT_JOURNAL = "optuna.journal"
 SAMPLERS = ("tpe", "random", "gp", "cmaes")
-PRUNERS = ("hyperband", "median", "none")
+PRUNERS = ("asha", "hyperband", "median", "none")
+
+# The pruner's axis: how far a trial is through its own schedule, in thousandths. Trials search max_iters and decay
+# their learning rate over it (cosine), so step 250 is the end of a short trial's warm-up and a sliver of a long one;
+# pruning at the same step ranks trials by how fast they warm up. At the same point of their schedules, a trial's
+# loss compares with the others' as its final loss will.
+SCHEDULE_POINTS = 1000
+
+
+def schedule_point(step: int, max_iters: int) -> int:
+    """The thousandths of its schedule a trial has done at this step (1000 at the last step)."""
+    return SCHEDULE_POINTS * step // max_iters
 
 
 class StorageError(ValueError):
@@ -133,13 +144,22 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ValueError(f"unknown sampler {name!r}")
 
 
-def make_pruner(name: str, eval_interval: int, max_iters: int) -> optuna.pruners.BasePruner:
-    """Pruners count resource in training steps: one report per eval, at the step number."""
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """Pruners count a trial's resource in thousandths of its schedule (SCHEDULE_POINTS).
+
+    Successive halving (asha) keeps the best quarter of the trials at 1/8 and at 1/2 of their schedules (a trial's
+    first eval at or past the point): a pruned trial has cost an eighth of its length, or half. Optuna's rule is
+    asynchronous: while fewer than four trials have reached a point, only the best of them goes on. Hyperband runs
+    successive halving (a third kept) in two brackets, one judging from 1/8 and one from 3/8 of the schedule.
+    """
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=SCHEDULE_POINTS // 8, reduction_factor=4)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=eval_interval, max_resource=max_iters, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=SCHEDULE_POINTS // 8, max_resource=SCHEDULE_POINTS,
+                                              reduction_factor=3)
     if name == "median":
-        # never at the first eval: its loss mostly reflects the warm-up, not the configuration
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=eval_interval + 1)
+        # against the trials that reported at the same point of their schedule, from a quarter of it on
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=SCHEDULE_POINTS // 4)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"unknown pruner {name!r}")

@@ -54,6 +54,13 @@ def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
     return next((t for t in runs if t.state == TrialState.COMPLETE), runs[0] if runs else None)
 
 
+def last_training_step(t: FrozenTrial) -> int | None:
+    """The training step a trial reached: where it was pruned, or its max_iters once complete."""
+    if t.state == TrialState.PRUNED:
+        return t.user_attrs.get("pruned_at_step")
+    return t.params.get("max_iters") if t.state == TrialState.COMPLETE else None
+
+
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per trial, every state: objective value(s), the six hyperparameters, the outcome record, failures."""
     rows = []
@@ -66,7 +73,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row["best_val_loss"] = t.values[0] if t.values and t.state == TrialState.COMPLETE else None
         if t.values and len(t.values) > 1:
             row["runtime_s"] = t.values[1]
-        row.update(last_reported_val_loss=last, last_step=t.last_step,
+        row.update(last_reported_val_loss=last, last_step=last_training_step(t),
                    duration_s=t.duration.total_seconds() if t.duration else None,
                    fail_reason=t.user_attrs.get("fail_reason"), mlflow_run_id=t.user_attrs.get("mlflow_run_id"))
         rows.append(row)

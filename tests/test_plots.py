@@ -6,14 +6,16 @@ import optuna
 import pytest
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
-from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from reports.collect import trials_table
 from reports.plots import PRUNED_LABEL, _log_ticks, plot_parallel, plot_param_slices, search_space
-from study.space import PRESETS
 
-CPU_SPACE = PRESETS["cpu"].space  # n_head, n_embd, block_size are choices; learning_rate is log-scaled
+# a small space of the presets' kinds: n_head, n_embd, block_size are choices; learning_rate is log-scaled
+CPU_SPACE = {"max_iters": IntDistribution(500, 2000, step=250), "block_size": CategoricalDistribution((32, 48, 64)),
+             "n_head": CategoricalDistribution((2, 4, 8)), "n_embd": CategoricalDistribution((64, 96, 128)),
+             "dropout": FloatDistribution(0.0, 0.2), "learning_rate": FloatDistribution(5e-4, 5e-3, log=True)}
 PRUNED_LOSS = 3.1  # the pruned trial's last report, at step 250
 
 

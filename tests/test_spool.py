@@ -56,7 +56,7 @@ def assert_each_trial_fully_tracked(client: MlflowClient, study) -> None:
     for t in study.trials:
         run = runs[t.number]
         assert run.info.status == "FINISHED" and run.data.tags["optuna_state"] == t.state.name
-        last = t.last_step if t.state == TrialState.PRUNED else t.params["max_iters"]
+        last = t.user_attrs["pruned_at_step"] if t.state == TrialState.PRUNED else t.params["max_iters"]
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == list(range(10, last + 1, 10))
         assert SYSTEM_METRICS <= run.data.metrics.keys()
         files = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -47,18 +47,22 @@ def test_four_trials_leave_four_optuna_trials_and_four_child_runs(workdir, corpu
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"best_checkpoint", "study_summary.json"}
 
 
-def test_hyperband_prunes_and_records_the_step(workdir, corpus_file):
-    assert run_study("--trials", "8", "--data", corpus_file) == 0
+@pytest.mark.parametrize("pruner", ["asha", "hyperband"])
+def test_pruning_reports_points_of_the_schedule_and_records_the_step(workdir, corpus_file, pruner):
+    assert run_study("--trials", "8", "--data", corpus_file, "--pruner", pruner) == 0
     study = load_study(workdir)
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     assert pruned, [t.state for t in study.trials]
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = {int(c.data.tags["trial_number"]): c for c in child_runs(client, "smoke-verse")}
     for t in pruned:
-        assert t.user_attrs["pruned_at_step"] == t.last_step < t.params["max_iters"]
+        step, max_iters = t.user_attrs["pruned_at_step"], t.params["max_iters"]
+        assert step < max_iters
+        # Optuna holds one report per eval, at the thousandths of the trial's schedule done by then
+        assert sorted(t.intermediate_values) == [1000 * s // max_iters for s in range(10, step + 1, 10)]
         assert runs[t.number].data.tags["optuna_state"] == "PRUNED"
         assert SYSTEM_METRICS <= runs[t.number].data.metrics.keys()
-        assert client.get_metric_history(runs[t.number].info.run_id, "val_loss")[-1].step == t.last_step
+        assert client.get_metric_history(runs[t.number].info.run_id, "val_loss")[-1].step == step  # MLflow: steps
 
 
 def test_resuming_adds_trials_to_the_same_study(workdir, corpus_file):

@@ -1,0 +1,51 @@
+"""Pruning judges a trial against the others at the same point of their schedules, not at the same step."""
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from study.objective import ReportToOptuna
+from study.storage import make_pruner
+from study.summary import trials_table
+
+
+def train_like(study: optuna.Study, max_iters: int, offset: float, evals: int = 8) -> optuna.trial.FrozenTrial:
+    """A trial whose val loss follows one curve of the schedule's progress, shifted by offset, evals times."""
+    trial = study.ask()
+    reporter = ReportToOptuna(trial, max_iters)
+    try:
+        for step in range(max_iters // evals, max_iters + 1, max_iters // evals):
+            reporter.on_eval(step, {"val_loss": 3.0 - step / max_iters + offset})
+    except optuna.TrialPruned:
+        return study.tell(trial, state=TrialState.PRUNED)
+    return study.tell(trial, 3.0 - 1.0 + offset)
+
+
+@pytest.fixture
+def study():
+    return optuna.create_study(pruner=make_pruner("asha"), storage=optuna.storages.InMemoryStorage())
+
+
+def test_a_short_trial_behind_at_the_same_point_is_pruned_though_ahead_at_the_same_step(study):
+    train_like(study, max_iters=8000, offset=0.0)
+    short = train_like(study, max_iters=2000, offset=0.01)
+    # at step 250 the long trial had done a thirty-second of its schedule and was far behind
+    assert short.state == TrialState.PRUNED and short.user_attrs["pruned_at_step"] == 250
+    assert short.last_step == 125  # Optuna's step: thousandths of the schedule, an eighth
+    assert trials_table(study).loc[short.number, "last_step"] == 250  # trials.csv: the training step
+
+
+def test_a_long_trial_ahead_at_the_same_point_is_kept_though_behind_at_the_same_step(study):
+    train_like(study, max_iters=4000, offset=0.0)
+    long = train_like(study, max_iters=8000, offset=-0.01)
+    assert long.state == TrialState.COMPLETE
+    assert sorted(long.intermediate_values) == [125 * k for k in range(1, 9)]
+
+
+def test_evals_closer_than_a_thousandth_of_the_schedule_report_once(study):
+    trial = study.ask()
+    reporter = ReportToOptuna(trial, max_iters=5000)
+    for step in range(1, 11):  # steps 1-4 are at point 0, 5-9 at point 1, 10 at point 2
+        reporter.on_eval(step, {"val_loss": 3.0})
+    assert sorted(study.trials[0].intermediate_values) == [0, 1, 2]
