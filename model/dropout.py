@@ -27,10 +27,11 @@ def drop_levels(p: float) -> int:
 
 
 def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """0 where an element is dropped (probability p), 1 / (1 - p) where it is kept."""
+    """0 where an element is dropped (probability p), 1 / (1 - p) where it is kept.
+
+    p must drop at least one level (dropout() returns its input otherwise): keep - 1 below must fit an int16.
+    """
     drop = drop_levels(p)
-    if drop == 0:  # p below half a level drops nothing (and keep - 1 below would not fit an int16)
-        return torch.ones(shape, dtype=dtype)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)  # all 64 bits random
     bits = words.view(torch.int16)[:n].view(shape)
