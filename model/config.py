@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+ARCHS = ("gpt", "encoder-decoder")  # model/tasks.py: what each trains on
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,7 @@ class TrainConfig:
     seed: int = _f(1337, "random seed (weights, batches, dropout)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA)")
+    arch: str = _f("gpt", "gpt (next character of the corpus) or encoder-decoder (next line of each line)")
 
     def __post_init__(self) -> None:
         _positive(self, "block_size", "n_layer", "n_head", "n_embd", "batch_size", "max_iters",
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ConfigError("weight_decay and grad_clip must be >= 0")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         kind, _, index = self.device.partition(":")
         if kind not in DEVICES or (":" in self.device and (kind != "cuda" or not index.isdigit())):
             raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")

@@ -1,4 +1,4 @@
-"""Dropout with a cheap random mask on the CPU, and causal attention that applies it to the attention weights.
+"""Dropout with a cheap random mask on the CPU (model/blocks.py applies it to attention weights too).
 
 torch's CPU dropout draws one random double per element, one element at a time (bernoulli_): for the baby GPT that
 costs more than the rest of a training step. Here a mask reads 16 random bits per element, drawn as whole 64-bit
@@ -11,7 +11,6 @@ Other devices keep torch's own dropout and fused attention: CUDA draws its masks
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -64,22 +63,3 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs), causal) v with dropout p on the attention weights; q, k, v are (B, nh, T, hs)."""
-    if not (training and p > 0.0 and q.device.type == "cpu"):  # fused kernels (flash on CUDA)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p if training else 0.0, is_causal=True)
-    # On the CPU a fused kernel with dropout draws its mask with bernoulli_; spelled out, the mask is cheap.
-    B, nh, T, hs = q.shape
-    # scores, scaled and causally masked in one matmul: -inf above the diagonal, so row t weighs positions <= t
-    att = torch.baddbmm(_future_bias(T, q.dtype, q.device), q.reshape(B * nh, T, hs),
-                        k.reshape(B * nh, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs))  # (B * nh, T, T)
-    att = F.softmax(att, dim=-1).view(B, nh, T, T)
-    return dropout(att, p, training=True) @ v  # (B, nh, T, hs)
-
-
-@functools.lru_cache(maxsize=16)
-def _future_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(T, T): 0 on and below the diagonal, -inf above it."""
-    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)

@@ -14,8 +14,8 @@ from typing import Protocol, Sequence
 import torch
 
 from model.config import NAMED, ConfigError, TrainConfig
-from model.data import Corpus, get_batch
-from model.gpt import GPT
+from model.data import Corpus
+from model.tasks import make_task
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,7 +56,7 @@ class TrainResult:
     iters: int
     device: str
     history: list[dict] = field(default_factory=list)  # one entry per eval: step + metrics
-    model: GPT | None = field(default=None, repr=False, compare=False)
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)  # a GPT or an EncoderDecoder
 
     def outcome(self) -> dict:
         """The OUTCOME record of this run."""
@@ -105,8 +105,9 @@ def startup_s(first_step_s: float, step_s: float, eval_times: list[float]) -> fl
     return extra
 
 
-def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    corpus.check_block_size(config.block_size)
+def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (), task=None) -> TrainResult:
+    """Train config's network on corpus; task: what to train on, if not config.arch's own (model/tasks.py)."""
+    task = task or make_task(corpus, config)  # refuses a corpus the architecture cannot learn from
     device = resolve_device(config.device)
     cuda = device.type == "cuda"
     torch.manual_seed(config.seed)  # weights and dropout
@@ -115,10 +116,10 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
         torch.backends.cudnn.conv.fp32_precision = "tf32"
 
     # the corpus lives on the device and batches are drawn there: no host copies per step
-    data = corpus.to(device)
+    task.to(device)
     train_gen = torch.Generator(device=device).manual_seed(config.seed)
     eval_gen = torch.Generator(device=device).manual_seed(config.seed + 1)  # evals never shift training batches
-    model = GPT(config.model_config(corpus.vocab_size)).to(device)
+    model = task.model(config).to(device)
     optimizer = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate,
                                   betas=(config.beta1, config.beta2), fused=cuda)
     compiled = config.compile if config.compile is not None else cuda
@@ -128,18 +129,17 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
         torch._dynamo.reset()
     forward = torch.compile(model) if compiled else model
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    B, T = config.batch_size, config.block_size
 
     @torch.no_grad()
     def estimate_loss() -> dict[str, float]:
         model.eval()
         out = {}
-        for split, ids in (("train", data.train), ("val", data.val)):
+        for split in ("train", "val"):
             losses = torch.empty(config.eval_iters, device=device)
             for k in range(config.eval_iters):
-                x, y = get_batch(ids, T, B, eval_gen)
+                inputs, targets = task.batch(split, eval_gen)
                 with autocast:
-                    losses[k] = forward(x, y)[1]
+                    losses[k] = forward(*inputs, targets)[1]
             out[f"{split}_loss"] = losses.mean().item()
         model.train()
         return out
@@ -148,18 +148,19 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
     callbacks = list(callbacks)
     history: list[dict] = []
     best_val = math.inf
-    train_time, timed_steps, seg_steps = 0.0, 0, 0
+    train_time, timed_steps, seg_steps, timed_tokens, seg_tokens = 0.0, 0, 0, 0, 0
     eval_times: list[float] = []
     loop_start = time.perf_counter()
     seg_start = first_step_s = None
-    x, y = get_batch(data.train, T, B, train_gen)
+    inputs, targets = task.batch("train", train_gen)
     for step in range(1, config.max_iters + 1):
         lr = lr_at(step - 1, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast:
-            _, loss = forward(x, y)
-        x, y = get_batch(data.train, T, B, train_gen)  # queued while the device works on this step
+            _, loss = forward(*inputs, targets)
+        tokens = sum(t.numel() for t in inputs)  # positions the network read: B * T for the GPT
+        inputs, targets = task.batch("train", train_gen)  # queued while the device works on this step
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -169,16 +170,16 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
         if seg_start is None:  # the first step pays for allocation and compilation: keep it out of throughput
             _sync(device)
             seg_start = time.perf_counter()
-            first_step_s = seg_start - loop_start
+            first_step_s, first_tokens = seg_start - loop_start, tokens
         else:
-            seg_steps += 1
+            seg_steps, seg_tokens = seg_steps + 1, seg_tokens + tokens
         if step % config.eval_interval and step != config.max_iters:
             continue
 
         # ---- eval (the only host synchronisation) ----
         _sync(device)
         train_time += time.perf_counter() - seg_start
-        timed_steps += seg_steps
+        timed_steps, timed_tokens = timed_steps + seg_steps, timed_tokens + seg_tokens
         last_loss = loss.item()
         eval_start = time.perf_counter()
         metrics = estimate_loss()  # ends in .item(): synchronised
@@ -187,13 +188,13 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
             raise TrainingDiverged(f"loss became non-finite by step {step} "
                                    f"(batch loss {last_loss}, val loss {metrics['val_loss']})")
         best_val = min(best_val, metrics["val_loss"])
-        tokens_per_s = timed_steps * B * T / train_time if timed_steps else B * T / first_step_s
+        tokens_per_s = timed_tokens / train_time if timed_tokens else first_tokens / first_step_s
         metrics.update(lr=lr, tokens_per_s=tokens_per_s, elapsed_s=time.perf_counter() - loop_start)
         history.append({"step": step, **metrics})
         for cb in callbacks:
             if hasattr(cb, "on_eval"):
                 cb.on_eval(step, metrics)
-        seg_start, seg_steps = time.perf_counter(), 0
+        seg_start, seg_steps, seg_tokens = time.perf_counter(), 0, 0
 
     last = history[-1]
     startup = startup_s(first_step_s, train_time / timed_steps if timed_steps else 0.0, eval_times)
@@ -220,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from model.cli import Parser, add_config_flags, config_overrides, fail
     from model.data import DataError, load_corpus
 
-    parser = Parser(prog="python -m model.train", description="Train one character-level GPT.")
+    parser = Parser(prog="python -m model.train", description="Train one character-level GPT, or with --arch "
+                    "encoder-decoder an encoder-decoder Transformer that writes each line's next line.")
     parser.add_argument("--data", metavar="PATH", help="UTF-8 text file (default: Tiny Shakespeare, downloaded)")
     parser.add_argument("--out", metavar="DIR", help="write the final checkpoint to DIR/ckpt.pt")
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
@@ -232,14 +234,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = NAMED[args.config].replace(**config_overrides(args))
         resolve_device(config.device)
         corpus = load_corpus(args.data)
-        corpus.check_block_size(config.block_size)
+        task = make_task(corpus, config)
         if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
             raise DataError(f"{args.out}: --out must be a directory, this is a file")
     except (ConfigError, DataError) as exc:
         fail(str(exc), parser.prog)
 
-    print(f"corpus {corpus.path}: {len(corpus.train):,} train / {len(corpus.val):,} val characters, "
-          f"vocabulary {corpus.vocab_size}", flush=True)
+    print(task.describe(), flush=True)
     try:
         result = train(config, corpus, callbacks=[PrintProgress()])
     except TrainingDiverged as exc:

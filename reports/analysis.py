@@ -32,13 +32,14 @@ def corpus_words(text: str) -> set[str]:
 
 
 def findings(table: pd.DataFrame | None, imp: pd.Series | None, counts: dict, confirmation: dict | None,
-             missing: str | None = None) -> list[str]:
-    """A few sentences computed from the data; `missing` says why there is no comparison table."""
+             missing: str | None = None, spent: dict | None = None) -> list[str]:
+    """A few sentences computed from the data; `missing` says why there is no comparison table; `spent` is the
+    study summary's time figures (search_wall_s, trials_s, best_found_after_s)."""
     out = [f"{counts['total']} trials: {counts['COMPLETE']} completed, {counts['PRUNED']} pruned, "
            f"{counts['FAIL']} failed."]
     if table is None:
         out.append(missing or "There is no tuned configuration to compare yet.")
-        return out
+        return out + time_spent(spent, found=False)
     loss, runtime = table.loc["best_val_loss"], table.loc["runtime_s"]
     b, t = table.attrs["baseline_trial"], table.attrs["tuned_trial"]
     if b == t:
@@ -50,9 +51,21 @@ def findings(table: pd.DataFrame | None, imp: pd.Series | None, counts: dict, co
             word = "more" if runtime["change"] > 0 else "less"
             out.append(f"The tuned configuration trains in {runtime['tuned']:.1f} s against {runtime['baseline']:.1f} s "
                        f"({abs(runtime['change_pct']):.0f}% {word} time).")
+    out += time_spent(spent, found=b != t)
     if imp is not None and len(imp):
         top = ", ".join(f"{name} ({share:.0%})" for name, share in imp.head(3).items())
         out.append(f"The hyperparameters that mattered most for val loss: {top}.")
     if confirmation:
         out.append(confirmation["verdict"])
     return out
+
+
+def time_spent(spent: dict | None, found: bool) -> list[str]:
+    """What the search cost in time; `found`: say when it reached the tuned configuration."""
+    if not spent:
+        return []
+    line = (f"The search ran for {spent['search_wall_s'] / 60:.1f} min of wall time "
+            f"({spent['trials_s'] / 60:.1f} min of trials in all)")
+    if found and "best_found_after_s" in spent:
+        line += f" and had found the tuned configuration after {spent['best_found_after_s'] / 60:.1f} min"
+    return [line + "."]

@@ -26,7 +26,7 @@ from reports.confirm import confirm, trial_config  # noqa: E402
 from reports.render import Report  # noqa: E402
 from study.space import SEARCHED  # noqa: E402
 from study.storage import StorageError  # noqa: E402
-from study.summary import comparison_table, trials_table  # noqa: E402
+from study.summary import comparison_table, study_summary, trials_table  # noqa: E402
 from study.tracking import TrackingError, check_tracking, first_line, redact, resolve_tracking_uri  # noqa: E402
 
 PROG = "python reports/generate.py"
@@ -139,7 +139,9 @@ def build(data: StudyData, args, out: Path, corpus) -> Report:
         missing = (f"The baseline trial is {baseline.state.name if baseline else 'missing'}: "
                    "no before/after comparison.")
     report.heading("Findings")
-    for sentence in analysis.findings(None if missing else table, importance, counts, confirmation, missing):
+    summary = study_summary(data.study)
+    spent = {k: summary[k] for k in ("search_wall_s", "trials_s", "best_found_after_s") if k in summary}
+    for sentence in analysis.findings(None if missing else table, importance, counts, confirmation, missing, spent):
         report.paragraph(sentence)
     report.heading("Baseline vs tuned")
     if table is not None:

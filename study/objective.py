@@ -10,8 +10,8 @@ import torch
 from model.checkpoint import save_checkpoint
 from model.config import TrainConfig
 from model.data import Corpus
-from model.gpt import count_params
 from model.sample import sample_text
+from model.tasks import count_params
 from model.train import resolve_device, train
 from study.recovery import StaleTrialHandler, mark_worker, recover_dead_workers
 from study.registry import register_best_model
@@ -70,7 +70,7 @@ class Objective:
                 recover_dead_workers(trial.study, self.stale_handler)
             config = self.base.replace(**suggest_params(trial, self.space))
             run = self.tracker.start_trial(trial, config, bool(trial.user_attrs.get("baseline", False)), {
-                "n_params": count_params(config.model_config(self.corpus.vocab_size)),
+                "n_params": count_params(config, self.corpus.vocab_size),
                 "device": str(resolve_device(config.device)),
                 "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
                 "code_version": code_version(), "trial_number": trial.number})

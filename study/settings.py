@@ -13,6 +13,7 @@ import torch
 from model.cli import config_overrides
 from model.config import ConfigError, TrainConfig
 from model.data import Corpus, DataError, load_corpus
+from model.tasks import make_task
 from model.train import resolve_device
 from study.objective import OBJECTIVES, SampleSpec
 from study.space import PRESETS, check_space, load_space_file, values_of
@@ -65,14 +66,14 @@ def settings_from_args(args: argparse.Namespace) -> tuple[StudySettings, Corpus]
     check_space(space, base)
     corpus = load_corpus(args.data)
     blocks = values_of(space["block_size"]) or [space["block_size"].high]
-    corpus.check_block_size(max(blocks))
+    make_task(corpus, base.replace(block_size=max(blocks)))  # the corpus can serve the longest block
     prompt = args.sample_prompt
     if prompt is None:
         prompt = "ROMEO:" if not corpus.tokenizer.unknown("ROMEO:") else corpus.tokenizer.decode(corpus.train[:8])
     if not prompt or corpus.tokenizer.unknown(prompt):
         raise DataError(f"--sample-prompt has characters outside the corpus vocabulary: "
                         f"{' '.join(map(repr, corpus.tokenizer.unknown(prompt))) or '(empty prompt)'}")
-    suffix = "-loss-time" if args.objective == "loss-time" else ""
+    suffix = ("" if base.arch == "gpt" else f"-{base.arch}") + ("-loss-time" if args.objective == "loss-time" else "")
     check_storage_arg(args.storage)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     check_tracking(tracking_uri)

@@ -76,11 +76,19 @@ def _check_same_setup(study: optuna.Study, s: StudySettings) -> None:
              "space": {k: distribution_to_json(v) for k, v in s.space.items()},
              "fixed": {k: v for k, v in asdict(s.base).items() if k not in ("device", "compile")}}
     stored = study.user_attrs.get("setup")
+    if stored is not None:
+        stored["fixed"].setdefault("arch", "gpt")  # studies from before the encoder-decoder were all of GPTs
     if stored is None:
         if not study.trials:
             study.set_user_attr("setup", setup)
         return
     differs = [k for k in setup if stored.get(k) != setup[k]]
+    if differs == ["fixed"]:  # name the flags
+        old, new = stored["fixed"], setup["fixed"]
+        changed = ", ".join(f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in sorted(new.keys() | old.keys())
+                            if old.get(k) != new.get(k))
+        raise StorageError(f"study {s.study_name!r} was created with other fixed settings: {changed}; "
+                           "resume it unchanged or pick another --study-name")
     if differs:
         raise StorageError(f"study {s.study_name!r} was created with another {' and '.join(differs)} "
                            "(corpus, --space, preset or fixed flags); resume it unchanged or pick another --study-name")

@@ -80,15 +80,41 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("number").sort_index()
 
 
+PAUSE_S = 600  # no trial running for this long: the study was stopped and resumed later
+
+
+def wall_seconds(trials: list[FrozenTrial], until=None) -> float:
+    """The study's wall time, up to `until`: from the first trial's start to the last one's end, without pauses
+    (PAUSE_S or more with no trial running, as between a stopped session and its resumption). Parallel workers'
+    trials count once, and the short gaps between one trial and the next (sampling, logging) count."""
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials if t.datetime_start and t.datetime_complete)
+    total, first, last = 0.0, None, None  # first, last: the stretch being measured
+    for start, end in spans:
+        if until is not None:
+            if start >= until:
+                break
+            end = min(end, until)
+        if last is not None and (start - last).total_seconds() < PAUSE_S:
+            last = max(last, end)
+            continue
+        if last is not None:
+            total += (last - first).total_seconds()
+        first, last = start, end
+    return total + ((last - first).total_seconds() if last is not None else 0.0)
+
+
 def study_summary(study: optuna.Study) -> dict:
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
     best, base = best_trial(study), baseline_trial(study)
     summary = {"n_trials": len(trials), "n_complete": count[TrialState.COMPLETE],
-               "n_pruned": count[TrialState.PRUNED], "n_failed": count[TrialState.FAIL]}
+               "n_pruned": count[TrialState.PRUNED], "n_failed": count[TrialState.FAIL],
+               "search_wall_s": wall_seconds(trials),
+               "trials_s": sum(t.duration.total_seconds() for t in trials if t.duration)}
     if best is not None:
         summary.update(best_trial=best.number, best_val_loss=best.values[0], best_params=dict(best.params),
-                       best_run_id=best.user_attrs.get("mlflow_run_id"))
+                       best_run_id=best.user_attrs.get("mlflow_run_id"),
+                       best_found_after_s=wall_seconds(trials, until=best.datetime_complete))
         # workers finishing at once can each miss being "best so far": take the best trial that saved one
         saved = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("checkpoint")]
         if saved:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from model.config import GPTConfig
-from model.dropout import LEVELS, Dropout, causal_attention, drop_levels, dropout
+from model.blocks import attention
+from model.dropout import LEVELS, Dropout, drop_levels, dropout
 from model.gpt import GPT
 
 
@@ -64,7 +65,7 @@ def test_attention_without_drops_equals_the_fused_kernel():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
     fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    spelled_out = causal_attention(q, k, v, p=1e-9, training=True)  # rounds to no drops, takes the CPU path
+    spelled_out = attention(q, k, v, p=1e-9, training=True, causal=True)  # rounds to no drops, takes the CPU path
     torch.testing.assert_close(spelled_out, fused)
 
 
@@ -74,9 +75,9 @@ def test_attention_dropout_acts_on_the_weights_and_stays_causal():
     changed = v.clone()
     changed[:, :, 10] += 1.0
     torch.manual_seed(5)
-    a = causal_attention(q, k, v, p=0.5, training=True)
+    a = attention(q, k, v, p=0.5, training=True, causal=True)
     torch.manual_seed(5)
-    b = causal_attention(q, k, changed, p=0.5, training=True)
+    b = attention(q, k, changed, p=0.5, training=True, causal=True)
     assert torch.equal(a[:, :, :10], b[:, :, :10])  # a future value never leaks into earlier outputs
     # the first position attends to itself alone: its weight 1 is either dropped or scaled by 1 / (1 - p)
     first = a[:, :, 0] / v[:, :, 0]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import base64
 import os
+from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 import matplotlib.image
 import pandas as pd
@@ -12,6 +14,7 @@ from mlflow import MlflowClient
 from conftest import VERSE
 from model.train import OUTCOME
 from reports import generate
+from study.summary import PAUSE_S, wall_seconds
 from study_helpers import load_study, run_study
 
 PLOTS = {"optimization_history.png", "loss_curves.png", "importance.png", "param_slices.png",
@@ -80,9 +83,29 @@ def test_every_file_is_written_and_matches_the_stores(in_study_dir):
         assert base64.b64encode((out / name).read_bytes()).decode() in html
     md = (out / "report.md").read_text()
     assert "Tuning lowered the best val loss" in md or "No trial beat the baseline" in md
+    # what the search cost: from the first trial's start to the last one's end, as the study's clock says
+    starts, ends = [t.datetime_start for t in study.trials], [t.datetime_complete for t in study.trials]
+    wall = (max(ends) - min(starts)).total_seconds()
+    assert f"The search ran for {wall / 60:.1f} min of wall time" in md
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.html" in logged and "report/comparison.csv" in logged
+
+
+def span(start_s: float, end_s: float) -> SimpleNamespace:
+    t0 = datetime(2026, 1, 1)
+    return SimpleNamespace(datetime_start=t0 + timedelta(seconds=start_s), datetime_complete=t0 + timedelta(seconds=end_s))
+
+
+def test_search_wall_time_leaves_out_pauses_and_counts_parallel_trials_once():
+    one_worker = [span(0, 100), span(102, 200), span(201, 300)]  # short gaps between trials: sampling, logging
+    assert wall_seconds(one_worker) == 300
+    two_workers = [span(0, 100), span(10, 250), span(101, 150)]
+    assert wall_seconds(two_workers) == 250
+    resumed = [span(0, 100), span(100 + PAUSE_S + 1, 200 + PAUSE_S + 1)]  # stopped, resumed later
+    assert wall_seconds(resumed) == 200
+    assert wall_seconds(one_worker, until=span(0, 150).datetime_complete) == 150
+    assert wall_seconds([]) == 0
 
 
 def test_rerunning_writes_the_same_tables(in_study_dir, tmp_path):

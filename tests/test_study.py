@@ -146,5 +146,5 @@ def test_resuming_with_another_setup_is_refused(workdir, corpus_file, capsys):
     capsys.readouterr()
     assert run_study("--trials", "1", "--data", corpus_file, "--n-layer", "2") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "was created with another fixed" in err
+    assert len(err.splitlines()) == 1 and "was created with other fixed settings: n_layer 1 (now 2)" in err
     assert len(load_study(workdir).trials) == 1
