@@ -5,7 +5,6 @@ and the line each writes after the same source line."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from typing import Sequence
@@ -46,8 +45,9 @@ def gpt_next_line(model, tokenizer, line: str, temperature: float, seed: int) ->
 def same_size_gpt(ed: TrainConfig, vocab: int) -> TrainConfig:
     """The GPT config, at the encoder-decoder's width, whose depth brings its parameter count closest."""
     target = count_params(ed, vocab)
+    # the GPT reads source and target as one sequence: twice the block, its position table counted
     return min((ed.replace(arch="gpt", n_layer=n) for n in range(1, 4 * ed.n_layer + 1)),
-               key=lambda c: abs(count_params(c, vocab) - target))
+               key=lambda c: abs(count_params(c.replace(block_size=2 * c.block_size), vocab) - target))
 
 
 def timed_run(config: TrainConfig, corpus, task, seconds: float) -> dict:

@@ -24,7 +24,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT | EncoderDecoder, tok
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "arch": next(arch for arch, cls in MODELS.items() if isinstance(model, cls)),
+        "arch": arch_of(model),
         "gpt_config": dataclasses.asdict(model.config),
         "train_config": dataclasses.asdict(train_config) if train_config else None,
         "vocab": tokenizer.vocab,
@@ -40,6 +40,13 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT | EncoderDecoder, tok
         os.unlink(tmp)
         raise
     return path
+
+
+def arch_of(model: torch.nn.Module) -> str:
+    arch = next((arch for arch, cls in MODELS.items() if type(model) is cls), None)
+    if arch is None:
+        raise TypeError(f"cannot save a {type(model).__name__}: a checkpoint holds a GPT or an EncoderDecoder")
+    return arch
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"

@@ -71,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = Parser(prog="python -m model.sample", description="Generate text from a checkpoint.")
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="directory holding ckpt.pt (or the file)")
-    parser.add_argument("--prompt", help="text to continue (default: a newline); for an encoder-decoder "
-                        "checkpoint, the line whose next line to write")
+    parser.add_argument("--prompt", help="text to continue (default for a GPT: a newline); for an "
+                        "encoder-decoder checkpoint, required: the line whose next line to write")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely character")
     parser.add_argument("--top-k", type=int, default=200, help="sample among the k most likely (0: all)")

@@ -88,7 +88,8 @@ class EncoderDecoder(nn.Module):
         never: ids not to write (a line's newline, which no target holds but the vocabulary does).
         """
         banned = [self.pad_id, self.bos_id, *never]
-        max_new_tokens = min(max_new_tokens or self.config.block_size, self.config.block_size)
+        limit = self.config.block_size  # <eos> included: a target's length
+        max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
         memory, bias = self.encode(src)
         out = torch.full((src.size(0), 1), self.bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)

@@ -75,9 +75,10 @@ class NextLines:
 
     def describe(self) -> str:
         tr, va = self.splits["train"], self.splits["val"]
+        cut_src, cut_tgt = tr.cut_sources + va.cut_sources, tr.cut_targets + va.cut_targets
         return (f"corpus {self.corpus.path}: {len(tr):,} train / {len(va):,} val line pairs, vocabulary "
-                f"{self.corpus.vocab_size} + {len(SPECIALS)} specials; cut to block_size: {tr.cut_sources + va.cut_sources:,} "
-                f"sources, {tr.cut_targets + va.cut_targets:,} targets")
+                f"{self.corpus.vocab_size} + {len(SPECIALS)} specials; cut to block_size: {cut_src:,} sources, "
+                f"{cut_tgt:,} targets")
 
 
 class GPTNextLines(NextLines):
@@ -103,7 +104,7 @@ class GPTNextLines(NextLines):
             o = torch.where(o == eos, self.newline, o)  # the target's end: a newline, as in the text
             seq = torch.cat([s, s.new_tensor([self.newline]), o])
             rows.append(seq[:-1])
-            targets.append(torch.cat([torch.full((len(s),), -100), o]))  # -100: cross_entropy leaves it out
+            targets.append(torch.cat([o.new_full((len(s),), -100), o]))  # -100: cross_entropy leaves it out
         x = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.newline)
         y = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=-100)
         return (x,), y

@@ -107,7 +107,8 @@ def startup_s(first_step_s: float, step_s: float, eval_times: list[float]) -> fl
 
 def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (), task=None) -> TrainResult:
     """Train config's network on corpus; task: what to train on, if not config.arch's own (model/tasks.py)."""
-    task = task or make_task(corpus, config)  # refuses a corpus the architecture cannot learn from
+    if task is None:  # a task passed in brings its own batch and block sizes
+        task = make_task(corpus, config)  # refuses a corpus the architecture cannot learn from
     device = resolve_device(config.device)
     cuda = device.type == "cuda"
     torch.manual_seed(config.seed)  # weights and dropout
@@ -159,7 +160,7 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
             group["lr"] = lr
         with autocast:
             _, loss = forward(*inputs, targets)
-        tokens = sum(t.numel() for t in inputs)  # positions the network read: B * T for the GPT
+        tokens = sum(t.numel() for t in inputs)  # positions computed, padding included: B * T for the GPT
         inputs, targets = task.batch("train", train_gen)  # queued while the device works on this step
         loss.backward()
         if config.grad_clip > 0:
@@ -242,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(task.describe(), flush=True)
     try:
-        result = train(config, corpus, callbacks=[PrintProgress()])
+        result = train(config, corpus, callbacks=[PrintProgress()], task=task)
     except TrainingDiverged as exc:
         print(f"{parser.prog}: error: training diverged: {exc}", file=sys.stderr)
         raise SystemExit(1)

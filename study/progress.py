@@ -65,8 +65,8 @@ def print_summary(study: optuna.Study, summary: dict, settings, runs_url: str) -
     elif best is not None:
         print(f"best: trial {best.number}, val loss {best.values[0]:.4f} (the baseline trial did not complete)")
     if "best_found_after_s" in summary:
-        print(f"search: {summary['search_wall_s'] / 60:.1f} min wall, {summary['trials_s'] / 60:.1f} min of trials; "
-              f"the best trial finished after {summary['best_found_after_s'] / 60:.1f} min")
+        print(f"search: {summary['search_wall_s'] / 60:.1f} min wall, {summary['trials_s'] / 60:.1f} min of "
+              f"trials; the best trial finished after {summary['best_found_after_s'] / 60:.1f} min")
     if "pareto_trials" in summary:
         print(f"Pareto front (val loss vs runtime): trials {summary['pareto_trials']}")
     tracking_uri = settings.tracking_uri

@@ -49,7 +49,8 @@ def build_parser() -> Parser:
                         help="prunes on the val loss at each eval, against the other trials at the same point of "
                         "their schedules (default: asha, successive halving; single-objective studies only)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the sampler and every trial's training")
-    parser.add_argument("--study-name", help="default: <preset>-<corpus>[-encoder-decoder][-loss-time]; an existing name resumes")
+    parser.add_argument("--study-name", help="default: <preset>-<corpus>[-encoder-decoder][-loss-time]; an "
+                        "existing name resumes")
     parser.add_argument("--storage", metavar="URL", help="RDB URL (sqlite:///..., postgresql://...) or journal "
                         f"file path (default: ./{'optuna.journal'})")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "

@@ -66,7 +66,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[StudySettings, Corpus]
     check_space(space, base)
     corpus = load_corpus(args.data)
     blocks = values_of(space["block_size"]) or [space["block_size"].high]
-    make_task(corpus, base.replace(block_size=max(blocks)))  # the corpus can serve the longest block
+    for block in {min(blocks), max(blocks)}:  # the corpus serves the longest block; the task takes the shortest
+        make_task(corpus, base.replace(block_size=block))
     prompt = args.sample_prompt
     if prompt is None:
         prompt = "ROMEO:" if not corpus.tokenizer.unknown("ROMEO:") else corpus.tokenizer.decode(corpus.train[:8])

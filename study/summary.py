@@ -8,6 +8,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from model.train import OUTCOME
+from study.recovery import STALE_ATTR
 from study.space import SEARCHED
 
 COMPARED = (*SEARCHED, "best_val_loss", "val_loss", "train_loss", "generalization_gap", "runtime_s", "startup_s",
@@ -86,8 +87,10 @@ PAUSE_S = 600  # no trial running for this long: the study was stopped and resum
 def wall_seconds(trials: list[FrozenTrial], until=None) -> float:
     """The study's wall time, up to `until`: from the first trial's start to the last one's end, without pauses
     (PAUSE_S or more with no trial running, as between a stopped session and its resumption). Parallel workers'
-    trials count once, and the short gaps between one trial and the next (sampling, logging) count."""
-    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials if t.datetime_start and t.datetime_complete)
+    trials count once, and the short gaps between one trial and the next (sampling, logging) count. A trial whose
+    worker died is left out: it was marked failed when it was found, perhaps a session later."""
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials
+                   if t.datetime_start and t.datetime_complete and not t.user_attrs.get(STALE_ATTR))
     total, first, last = 0.0, None, None  # first, last: the stretch being measured
     for start, end in spans:
         if until is not None:
@@ -110,7 +113,8 @@ def study_summary(study: optuna.Study) -> dict:
     summary = {"n_trials": len(trials), "n_complete": count[TrialState.COMPLETE],
                "n_pruned": count[TrialState.PRUNED], "n_failed": count[TrialState.FAIL],
                "search_wall_s": wall_seconds(trials),
-               "trials_s": sum(t.duration.total_seconds() for t in trials if t.duration)}
+               "trials_s": sum(t.duration.total_seconds() for t in trials
+                               if t.duration and not t.user_attrs.get(STALE_ATTR))}
     if best is not None:
         summary.update(best_trial=best.number, best_val_loss=best.values[0], best_params=dict(best.params),
                        best_run_id=best.user_attrs.get("mlflow_run_id"),

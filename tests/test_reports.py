@@ -92,9 +92,10 @@ def test_every_file_is_written_and_matches_the_stores(in_study_dir):
     assert "report/report.html" in logged and "report/comparison.csv" in logged
 
 
-def span(start_s: float, end_s: float) -> SimpleNamespace:
+def span(start_s: float, end_s: float, **attrs) -> SimpleNamespace:
     t0 = datetime(2026, 1, 1)
-    return SimpleNamespace(datetime_start=t0 + timedelta(seconds=start_s), datetime_complete=t0 + timedelta(seconds=end_s))
+    return SimpleNamespace(datetime_start=t0 + timedelta(seconds=start_s),
+                           datetime_complete=t0 + timedelta(seconds=end_s), user_attrs=attrs)
 
 
 def test_search_wall_time_leaves_out_pauses_and_counts_parallel_trials_once():
@@ -104,6 +105,8 @@ def test_search_wall_time_leaves_out_pauses_and_counts_parallel_trials_once():
     assert wall_seconds(two_workers) == 250
     resumed = [span(0, 100), span(100 + PAUSE_S + 1, 200 + PAUSE_S + 1)]  # stopped, resumed later
     assert wall_seconds(resumed) == 200
+    # a killed session's trial, failed when the next session found it: not a stretch of work
+    assert wall_seconds([*resumed, span(50, 100 + PAUSE_S + 1, stale=True)]) == 200
     assert wall_seconds(one_worker, until=span(0, 150).datetime_complete) == 150
     assert wall_seconds([]) == 0
 

@@ -70,6 +70,30 @@ def test_the_decoder_reads_the_source_through_cross_attention(training):
     assert not torch.allclose(a, b)
 
 
+def test_the_fused_and_spelled_out_paths_mask_padding_alike():
+    model = tiny(dropout=1e-9)
+    src = torch.tensor([[0, 3, 1, 4, 2, PAD, PAD], [5, 4, 3, 2, 1, 0, 1]])
+    tgt = torch.tensor([[BOS, 1, 2, 5], [BOS, 0, 0, 3]])
+    torch.testing.assert_close(run(model, True, src, tgt), run(model, False, src, tgt))
+
+
+def test_an_encoder_decoder_checkpoint_loads_as_one_and_a_gpt_checkpoint_of_old_loads_as_a_gpt(tmp_path, corpus):
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.gpt import GPT
+
+    model = tiny()
+    save_checkpoint(tmp_path / "ed", model, corpus.tokenizer)
+    loaded, _, payload = load_checkpoint(tmp_path / "ed")
+    assert payload["arch"] == "encoder-decoder" and isinstance(loaded, EncoderDecoder)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+    gpt = GPT(GPTConfig(vocab_size=corpus.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    path = save_checkpoint(tmp_path / "gpt", gpt, corpus.tokenizer)
+    old = torch.load(path, weights_only=True)
+    del old["arch"]  # written before there were two families
+    torch.save(old, path)
+    assert isinstance(load_checkpoint(path)[0], GPT)
+
+
 def test_the_loss_leaves_out_target_padding():
     model = tiny().eval()
     src, tgt, out = torch.tensor([[0, 1, 2]]), torch.tensor([[BOS, 3, 4]]), torch.tensor([[3, 4, EOS]])
@@ -90,11 +114,20 @@ def copy_batch(n: int, gen: torch.Generator, max_len: int = 6):
     return src, tgt, out, [row[:k].tolist() for row, k in zip(chars, lengths)]
 
 
-def test_a_tiny_model_learns_to_copy_its_source():
+@pytest.fixture
+def one_thread():
+    """A network this small runs fastest on one thread, and a second one waits on a busy machine's other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_tiny_model_learns_to_copy_its_source(one_thread):
     model = tiny(block_size=8).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(500):
+    for _ in range(300):  # 100% exact on the held-out strings by then; a few seconds on one core
         src, tgt, out, _ = copy_batch(64, gen)
         loss = model(src, tgt, out)[1]
         opt.zero_grad(set_to_none=True)
@@ -112,7 +145,7 @@ def test_sampling_is_seeded():
     src = torch.tensor([[0, 3, 1, 4, 2]])
     a = model.generate(src, temperature=1.0, generator=torch.Generator().manual_seed(7))
     b = model.generate(src, temperature=1.0, generator=torch.Generator().manual_seed(7))
-    assert a == b and all(PAD not in line and BOS not in line and EOS not in line for line in a)
+    assert a == b and all(PAD not in line and BOS not in line for line in a)
 
 
 def test_next_line_pairs_follow_the_corpus_lines(tmp_path):
@@ -152,6 +185,7 @@ def test_train_json_then_sample_the_next_line(text_file, tmp_path):
     first, second = run_module(*args), run_module(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.count("\n") == 1  # one line: the next one
+    assert first.stdout.strip()  # ten steps at temperature 1 write something before <eos>
     for prompt in ("", "two\nlines"):
         refused = run_module("model.sample", "--checkpoint", str(out), "--prompt", prompt)
         assert refused.returncode == 2 and "one non-empty line" in refused.stderr
@@ -173,4 +207,4 @@ def test_a_study_records_its_architecture_and_resuming_with_another_refuses(work
     assert done and all(t.user_attrs["config"]["arch"] == "encoder-decoder" for t in done)
     capsys.readouterr()
     assert run_study("--data", corpus_file, "--trials", "1", "--study-name", "smoke-verse-encoder-decoder") == 2
-    assert "arch" in capsys.readouterr().err
+    assert "arch 'encoder-decoder' (now 'gpt')" in capsys.readouterr().err
