@@ -17,7 +17,17 @@ from model.seq2seq import SPECIALS, EncoderDecoder, special_ids
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]  # the network's inputs, the targets
 
 
-class Windows:
+class Task:
+    """A task's data, by split ("train", "val"), moved to the device that trains on it."""
+
+    splits: dict
+
+    def to(self, device: torch.device) -> Task:
+        self.splits = {k: v.to(device) for k, v in self.splits.items()}
+        return self
+
+
+class Windows(Task):
     """The GPT's task: random windows of block_size characters, each target the window shifted by one."""
 
     def __init__(self, corpus: Corpus, config: TrainConfig):
@@ -25,10 +35,6 @@ class Windows:
         self.corpus, self.block_size, self.batch_size = corpus, config.block_size, config.batch_size
         self.splits = {"train": corpus.train, "val": corpus.val}
         self.vocab_size = corpus.vocab_size
-
-    def to(self, device: torch.device) -> Windows:
-        self.splits = {k: v.to(device) for k, v in self.splits.items()}
-        return self
 
     def model(self, config: TrainConfig) -> nn.Module:
         return GPT(config.model_config(self.vocab_size))
@@ -43,7 +49,7 @@ class Windows:
                 f"vocabulary {c.vocab_size}")
 
 
-class NextLines:
+class NextLines(Task):
     """The encoder-decoder's task: random (line, next line) pairs, padded to the longest in each batch."""
 
     def __init__(self, corpus: Corpus, config: TrainConfig):
@@ -52,13 +58,10 @@ class NextLines:
                             f"(<bos> and one character)")
         self.corpus, self.batch_size = corpus, config.batch_size
         self.vocab_size = corpus.vocab_size + len(SPECIALS)
+        self.pad_id, _, self.eos_id = special_ids(self.vocab_size)
         newline = corpus.tokenizer.stoi.get("\n")
         self.splits = {split: line_pairs(ids, newline, config.block_size, self.vocab_size, name, str(corpus.path))
                        for split, ids, name in (("train", corpus.train, "training"), ("val", corpus.val, "validation"))}
-
-    def to(self, device: torch.device) -> NextLines:
-        self.splits = {k: v.to(device) for k, v in self.splits.items()}
-        return self
 
     def model(self, config: TrainConfig) -> nn.Module:
         return EncoderDecoder(config.model_config(self.vocab_size))
@@ -87,9 +90,7 @@ class GPTNextLines(NextLines):
     Its context is 2 * block_size: a source of block_size, the newline, a target of block_size - 1."""
 
     def __init__(self, corpus: Corpus, config: TrainConfig):
-        if "\n" not in corpus.tokenizer.stoi:
-            raise DataError(f"{corpus.path}: one line only; the next-line task needs at least two")
-        super().__init__(corpus, config)
+        super().__init__(corpus, config)  # refuses a corpus of fewer than two lines: it has a newline
         self.vocab_size, self.newline = corpus.vocab_size, corpus.tokenizer.stoi["\n"]
 
     def model(self, config: TrainConfig) -> nn.Module:
@@ -97,11 +98,10 @@ class GPTNextLines(NextLines):
 
     def rows(self, split: str, rows: torch.Tensor) -> Batch:
         (src, _), out = super().rows(split, rows)
-        pad, _, eos = special_ids(self.vocab_size + len(SPECIALS))
         rows, targets = [], []
         for s, o in zip(src, out):
-            s, o = s[s != pad], o[o != pad]
-            o = torch.where(o == eos, self.newline, o)  # the target's end: a newline, as in the text
+            s, o = s[s != self.pad_id], o[o != self.pad_id]
+            o = torch.where(o == self.eos_id, self.newline, o)  # the target's end: a newline, as in the text
             seq = torch.cat([s, s.new_tensor([self.newline]), o])
             rows.append(seq[:-1])
             targets.append(torch.cat([o.new_full((len(s),), -100), o]))  # -100: cross_entropy leaves it out
@@ -121,6 +121,6 @@ def count_params(config: TrainConfig, corpus_vocab_size: int) -> int:
         return MODELS[config.arch](config.model_config(vocab)).num_params()
 
 
-def make_task(corpus: Corpus, config: TrainConfig) -> Windows | NextLines:
+def make_task(corpus: Corpus, config: TrainConfig) -> Task:
     """The task config.arch trains on; raises DataError if the corpus cannot serve it."""
     return TASKS[config.arch](corpus, config)

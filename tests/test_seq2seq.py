@@ -208,3 +208,17 @@ def test_a_study_records_its_architecture_and_resuming_with_another_refuses(work
     capsys.readouterr()
     assert run_study("--data", corpus_file, "--trials", "1", "--study-name", "smoke-verse-encoder-decoder") == 2
     assert "arch 'encoder-decoder' (now 'gpt')" in capsys.readouterr().err
+
+
+def test_the_gpt_reads_source_and_target_as_one_line_pair_and_is_scored_on_the_target(tmp_path):
+    from model.tasks import GPTNextLines
+
+    path = tmp_path / "poem.txt"
+    path.write_text("ab\ncde\n" * 20)
+    corpus = load_corpus(path)
+    task = GPTNextLines(corpus, TrainConfig(block_size=8))
+    (x,), y = task.rows("train", torch.tensor([0]))
+    decode = corpus.tokenizer.decode
+    assert decode(x[0]) == "ab\ncde"  # source, newline, target; the final newline is only predicted
+    assert decode([t for t in y[0].tolist() if t != -100]) == "cde\n"
+    assert (y[0, :2] == -100).all()  # the source's own characters are not scored
