@@ -61,7 +61,8 @@ def build_parser() -> Parser:
     parser.add_argument("--sample-prompt", help="prompt for every trial's sample (default: 'ROMEO:' when the "
                         "corpus has those characters, else its first 8 characters)")
     parser.add_argument("--sample-tokens", type=int, default=500, help="characters per sample (default: 500)")
-    parser.add_argument("--workers", type=int, help="worker processes on this machine (default: 1)")
+    parser.add_argument("--workers", type=int, help="worker processes on this machine (default: 1; "
+                        "with the cpu preset on the CPU, one per core, at most 8)")
     parser.add_argument("--trials-per-gpu", type=int, metavar="K", help="K worker processes per visible GPU, "
                         "training K trials at once on each (instead of --workers)")
     parser.add_argument("--threads", type=int, help="CPU threads per worker (default: the cores split between "

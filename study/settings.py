@@ -6,6 +6,7 @@ re-parses flags, so what was checked is what runs.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,9 @@ from study.objective import OBJECTIVES, SampleSpec
 from study.space import PRESETS, check_space, load_space_file, values_of
 from study.storage import DEFAULT_JOURNAL, check_storage_arg
 from study.tracking import check_tracking, redact, resolve_tracking_uri
+
+# More workers than this and a 50-trial study's sampler sees too few finished trials when it proposes the next.
+MAX_CPU_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -84,16 +88,25 @@ def settings_from_args(args: argparse.Namespace) -> tuple[StudySettings, Corpus]
         sample=SampleSpec(prompt, args.sample_tokens, seed=args.seed), objective=args.objective,
         sampler=args.sampler, pruner=args.pruner if len(OBJECTIVES[args.objective]) == 1 else "none",
         seed=args.seed, storage=args.storage, tracking_uri=tracking_uri, trials=args.trials, timeout=args.timeout,
-        workers=worker_count(args, base), threads=args.threads, heartbeat_interval=args.heartbeat_interval,
+        workers=worker_count(args, base, preset.worker_per_core), threads=args.threads,
+        heartbeat_interval=args.heartbeat_interval,
         spool_dir=args.spool_dir, shown={"storage": args.storage, "tracking_uri": args.tracking_uri})
     return settings, corpus
 
 
-def worker_count(args: argparse.Namespace, base: TrainConfig) -> int:
-    """Worker processes for this run: --workers, or --trials-per-gpu times the GPUs in use (one for --device cuda:N)."""
-    if not args.trials_per_gpu:
-        return args.workers or 1
-    device = resolve_device(base.device)
-    if device.type != "cuda":
-        raise ConfigError(f"--trials-per-gpu needs CUDA, but trials train on {device.type}: use --workers")
-    return args.trials_per_gpu * (1 if device.index is not None else torch.cuda.device_count())
+def worker_count(args: argparse.Namespace, base: TrainConfig, per_core: bool = False) -> int:
+    """Worker processes for this run: --workers, or --trials-per-gpu times the GPUs in use (one for --device cuda:N).
+
+    Without either: one, or on the CPU for a preset whose trials are worth a process each (per_core), one per
+    usable core (at most MAX_CPU_WORKERS), or per --threads cores: small networks keep one core busy better than two.
+    """
+    if args.trials_per_gpu:
+        device = resolve_device(base.device)
+        if device.type != "cuda":
+            raise ConfigError(f"--trials-per-gpu needs CUDA, but trials train on {device.type}: use --workers")
+        return args.trials_per_gpu * (1 if device.index is not None else torch.cuda.device_count())
+    if args.workers:
+        return args.workers
+    if not per_core or resolve_device(base.device).type != "cpu":
+        return 1
+    return max(1, min(MAX_CPU_WORKERS, len(os.sched_getaffinity(0)) // (args.threads or 1)))

@@ -147,13 +147,15 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
     """Pruners count a trial's resource in thousandths of its schedule (SCHEDULE_POINTS).
 
-    Successive halving (asha) keeps the best quarter of the trials at 1/8 and at 1/2 of their schedules (a trial's
-    first eval at or past the point): a pruned trial has cost an eighth of its length, or half. Optuna's rule is
-    asynchronous: while fewer than four trials have reached a point, only the best of them goes on. Hyperband runs
-    successive halving (a third kept) in two brackets, one judging from 1/8 and one from 3/8 of the schedule.
+    Successive halving (asha) keeps the best quarter of the trials at 1/16 and at 1/4 of their schedules (a trial's
+    first eval at or past the point): a pruned trial has cost a sixteenth of its length, or a quarter, and about
+    one in sixteen runs to the end: a trial costs about 0.16 of its length on average, against 0.25 when judged at
+    1/8 and 1/2, which kept a 50-trial study on 2 cores from fitting in 30 minutes. Optuna's rule is asynchronous:
+    while fewer than four trials have reached a point, only the best of them goes on. Hyperband runs successive
+    halving (a third kept) in two brackets, one judging from 1/8 and one from 3/8 of the schedule.
     """
     if name == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=SCHEDULE_POINTS // 8, reduction_factor=4)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=SCHEDULE_POINTS // 16, reduction_factor=4)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=SCHEDULE_POINTS // 8, max_resource=SCHEDULE_POINTS,
                                               reduction_factor=3)

@@ -127,7 +127,7 @@ class Launcher:
     def __init__(self, settings: StudySettings):
         self.settings = settings
         self.spread_gpus = ":" not in settings.base.device  # --device cuda:N keeps every worker on GPU N
-        self.threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        self.threads = settings.threads or max(1, len(os.sched_getaffinity(0)) // settings.workers)
         self.launch_id = uuid.uuid4().hex[:12]
         self.procs: dict[int, multiprocessing.Process] = {}
 
@@ -151,7 +151,7 @@ class Launcher:
                 self.spawn(index, share)
         gpus = min(torch.cuda.device_count(), self.settings.workers) if self.spread_gpus else 1
         where = f"{gpus} GPU{'s' * (gpus > 1)}, " if torch.cuda.is_available() else ""
-        print(f"{len(self.procs)} workers on {where}{self.threads} CPU threads each, trials {list(plan.values())}",
+        print(f"{len(self.procs)} workers on {where}{self.threads} CPU thread{'s' * (self.threads > 1)} each, trials {list(plan.values())}",
               flush=True)
         try:
             while self.procs:

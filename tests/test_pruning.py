@@ -49,3 +49,14 @@ def test_evals_closer_than_a_thousandth_of_the_schedule_report_once(study):
     for step in range(1, 11):  # steps 1-4 are at point 0, 5-9 at point 1, 10 at point 2
         reporter.on_eval(step, {"val_loss": 3.0})
     assert sorted(study.trials[0].intermediate_values) == [0, 1, 2]
+
+
+def test_no_trial_is_judged_before_its_first_eval_from_judge_from(study):
+    train_like(study, max_iters=2000, offset=0.0)
+    trial = study.ask()
+    reporter = ReportToOptuna(trial, max_iters=2000, judge_from=500)
+    reporter.on_eval(250, {"val_loss": 9.0})  # far behind, but only reported
+    assert trial.should_prune() and sorted(study.trials[-1].intermediate_values) == [125]
+    with pytest.raises(optuna.TrialPruned):
+        reporter.on_eval(500, {"val_loss": 9.0})
+    assert study.trials[-1].user_attrs["pruned_at_step"] == 500

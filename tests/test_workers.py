@@ -217,3 +217,21 @@ def test_a_trial_whose_worker_is_still_being_recorded_is_never_taken_for_a_dead_
     mark_worker(trial)
     assert recovered == []
     assert study.trials[0].state == TrialState.RUNNING
+
+
+@pytest.mark.parametrize("flags, cores, expected", [
+    ([], 2, 2),  # the cpu preset: a one-thread worker per core
+    ([], 32, 8),  # at most eight: the sampler still learns from finished trials
+    (["--threads", "2"], 4, 2),  # per --threads cores
+    (["--workers", "1"], 4, 1),  # trials in the study's own process
+    (["--preset", "smoke"], 4, 1),  # trials of a second: not worth a process each
+])
+def test_the_cpu_preset_starts_a_worker_per_core_unless_told(workdir, corpus_file, monkeypatch, flags, cores,
+                                                               expected):
+    from study import run as study_run
+    from study.settings import settings_from_args
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    args = study_run.parse_args(["--preset", "cpu", "--device", "cpu", "--data", corpus_file, *flags])
+    settings, _ = settings_from_args(args)
+    assert settings.workers == expected
