@@ -42,10 +42,12 @@ JUDGED_AFTER_WARMUPS = 5
 class ReportToOptuna:
     """Training callback: report val loss at each eval, at its point of the schedule, and stop the trial when the
     pruner says so (the training step it stopped at is user attribute `pruned_at_step`). Evals before step
-    judge_from are reported but not judged: the pruner first sees the trial at its first eval from there on."""
+    judge_from are reported but not judged: the pruner first sees the trial at its first eval from there on. An
+    exempt trial (the baseline) is judged, so the others compare with it, but never stopped."""
 
-    def __init__(self, trial: optuna.Trial, max_iters: int, judge_from: int = 0):
-        self.trial, self.max_iters, self.judge_from, self.last_point = trial, max_iters, judge_from, None
+    def __init__(self, trial: optuna.Trial, max_iters: int, judge_from: int = 0, exempt: bool = False):
+        self.trial, self.max_iters, self.judge_from, self.exempt = trial, max_iters, judge_from, exempt
+        self.last_point = None
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         point = schedule_point(step, self.max_iters)
@@ -54,7 +56,7 @@ class ReportToOptuna:
         self.last_point = point
         self.trial.report(metrics["val_loss"], point)
         # at the last step there is nothing left to save
-        if self.judge_from <= step < self.max_iters and self.trial.should_prune():
+        if self.judge_from <= step < self.max_iters and self.trial.should_prune() and not self.exempt:
             self.trial.set_user_attr("pruned_at_step", step)
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics['val_loss']:.4f})")
 
@@ -76,7 +78,8 @@ class Objective:
             if self.stale_handler is not None:  # a living worker fails and re-queues the trials of dead ones
                 recover_dead_workers(trial.study, self.stale_handler)
             config = self.base.replace(**suggest_params(trial, self.space))
-            run = self.tracker.start_trial(trial, config, bool(trial.user_attrs.get("baseline", False)), {
+            baseline = bool(trial.user_attrs.get("baseline", False))
+            run = self.tracker.start_trial(trial, config, baseline, {
                 "n_params": count_params(config, self.corpus.vocab_size),
                 "device": str(resolve_device(config.device)),
                 "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
@@ -84,7 +87,8 @@ class Objective:
             trial.set_user_attr("mlflow_run_id", run.run_id)
             trial.set_user_attr("config", dataclasses.asdict(config))  # the full config, to re-run it exactly
             judge_from = JUDGED_AFTER_WARMUPS * config.warmup_iters
-            callbacks = [run, ReportToOptuna(trial, config.max_iters, judge_from)] if self.prune else [run]
+            reporter = ReportToOptuna(trial, config.max_iters, judge_from, exempt=baseline)  # the "before" runs whole
+            callbacks = [run, reporter] if self.prune else [run]
             result = train(config, self.corpus, callbacks)
             return self._finish(trial, run, result)
         except optuna.TrialPruned:

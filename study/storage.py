@@ -148,14 +148,13 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     """Pruners count a trial's resource in thousandths of its schedule (SCHEDULE_POINTS).
 
     Successive halving (asha) keeps the best quarter of the trials at 1/16 and at 1/4 of their schedules (a trial's
-    first eval at or past the point): a pruned trial has cost a sixteenth of its length, or a quarter, and about
-    one in sixteen runs to the end: a trial costs about 0.16 of its length on average, against 0.25 when judged at
-    1/8 and 1/2, which kept a 50-trial study on 2 cores from fitting in 30 minutes. Optuna's rule is asynchronous:
-    while fewer than four trials have reached a point, only the best of them goes on. Hyperband runs successive
+    first eval at or past the point), and past 1/4 only a trial among the two best there: a pruned trial has cost a
+    sixteenth of its length, or a quarter, and a trial runs to the end only while it may become the best. Optuna's
+    rule is asynchronous: while fewer than four trials have reached a point, only the best of them goes on. Hyperband runs successive
     halving (a third kept) in two brackets, one judging from 1/8 and one from 3/8 of the schedule.
     """
     if name == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=SCHEDULE_POINTS // 16, reduction_factor=4)
+        return HalvingToFinalists(min_resource=SCHEDULE_POINTS // 16, reduction_factor=4, rungs=2, finalists=2)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=SCHEDULE_POINTS // 8, max_resource=SCHEDULE_POINTS,
                                               reduction_factor=3)
@@ -165,6 +164,35 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"unknown pruner {name!r}")
+
+
+class HalvingToFinalists(optuna.pruners.BasePruner):
+    """Optuna's successive halving, and at its last rung a trial goes on only if it is among the `finalists` best
+    of all the trials that reached that rung.
+
+    A study minimises: what a trial costs after its last rung (three quarters of it, in asha) buys a result only if
+    the trial may end as the best. A quarter of the rung alone lets through every trial of a good region once the
+    sampler has found one: in a 50-trial study of the cpu preset, 4 of the 8 trials run to the end improved
+    nothing, and at 1/4 of their schedules none of those 4 was among the two best (docs/benchmarks.md).
+    """
+
+    def __init__(self, min_resource: int, reduction_factor: int, rungs: int, finalists: int):
+        self._halving = optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource,
+                                                               reduction_factor=reduction_factor)
+        self._last_step = min_resource * reduction_factor ** (rungs - 1)
+        self._last_key = f"completed_rung_{rungs - 1}"  # where Optuna's halving records a trial's value at a rung
+        self._finalists = finalists
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if self._halving.prune(study, trial):
+            return True
+        if trial.last_step < self._last_step or self._last_key in trial.system_attrs:
+            return False  # not at the last rung yet, or past it at an earlier eval
+        value = trial.intermediate_values[trial.last_step]
+        better = [t.system_attrs[self._last_key] for t in study.get_trials(deepcopy=False)
+                  if t.number != trial.number and self._last_key in t.system_attrs]
+        sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
+        return sum(sign * other < sign * value for other in better) >= self._finalists
 
 
 # Every study process talks to an RDB through at most this many connections: one for the trial loop, one more while

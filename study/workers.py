@@ -151,8 +151,8 @@ class Launcher:
                 self.spawn(index, share)
         gpus = min(torch.cuda.device_count(), self.settings.workers) if self.spread_gpus else 1
         where = f"{gpus} GPU{'s' * (gpus > 1)}, " if torch.cuda.is_available() else ""
-        print(f"{len(self.procs)} workers on {where}{self.threads} CPU thread{'s' * (self.threads > 1)} each, trials {list(plan.values())}",
-              flush=True)
+        threads = f"{self.threads} CPU thread{'s' * (self.threads > 1)}"
+        print(f"{len(self.procs)} workers on {where}{threads} each, trials {list(plan.values())}", flush=True)
         try:
             while self.procs:
                 time.sleep(0.5)

@@ -60,3 +60,30 @@ def test_no_trial_is_judged_before_its_first_eval_from_judge_from(study):
     with pytest.raises(optuna.TrialPruned):
         reporter.on_eval(500, {"val_loss": 9.0})
     assert study.trials[-1].user_attrs["pruned_at_step"] == 500
+
+
+def test_past_a_quarter_of_its_schedule_only_a_trial_among_the_two_best_there_runs_on(study):
+    for offset in [0.01 * k for k in range(11, -1, -1)]:  # each the best so far: all twelve run to the end
+        assert train_like(study, max_iters=2000, offset=offset).state == TrialState.COMPLETE
+    # third best at a quarter: in the best quarter of thirteen, but not among the two best
+    third = train_like(study, max_iters=2000, offset=0.015)
+    assert third.state == TrialState.PRUNED and third.user_attrs["pruned_at_step"] == 500
+    second = train_like(study, max_iters=2000, offset=0.005)
+    assert second.state == TrialState.COMPLETE
+
+
+def test_an_exempt_trial_is_compared_with_but_never_stopped(study):
+    train_like(study, max_iters=2000, offset=0.0)
+    trial = study.ask()
+    reporter = ReportToOptuna(trial, max_iters=2000, exempt=True)
+    for step in range(250, 2001, 250):
+        reporter.on_eval(step, {"val_loss": 9.0})  # far behind at every point
+    assert study.tell(trial, 9.0).state == TrialState.COMPLETE
+    fresh = optuna.create_study(pruner=make_pruner("asha"), storage=optuna.storages.InMemoryStorage())
+    exempt = fresh.ask()
+    reporter = ReportToOptuna(exempt, max_iters=2000, exempt=True)
+    for step in range(250, 2001, 250):
+        reporter.on_eval(step, {"val_loss": 2.0})
+    fresh.tell(exempt, 2.0)
+    behind = train_like(fresh, max_iters=2000, offset=0.0)  # alone at its rung it would go on; behind the exempt, not
+    assert behind.state == TrialState.PRUNED
