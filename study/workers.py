@@ -1,7 +1,8 @@
 """Workers: a process that runs trials on a study the set-up step created, and `--workers N` launching N of them.
 
 A launched worker receives the study's settings object itself (pickled by multiprocessing's spawn), never a
-command line to parse again; a killed worker is replaced for the rest of its share.
+command line to parse again; workers draw the launch's trials one at a time, and a killed worker is replaced while
+trials are left.
 """
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ import uuid
 
 import optuna
 import torch
-from optuna.trial import TrialState
 
 from model.cli import fail
 from model.config import ConfigError
 from model.data import DataError
 from study.objective import Objective, release_gpu_memory
 from study.progress import Progress
-from study.recovery import STALE_ATTR, StaleTrialHandler, recover_dead_workers
+from study.recovery import StaleTrialHandler, recover_dead_workers
 from study.settings import StudySettings
 from study.setup import join_stores
 from study.space import SpaceError
@@ -30,7 +30,6 @@ from study.storage import StorageError
 from study.tracking import StudyTracker, TrackingError
 
 MAX_RESPAWNS = 2
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 SETUP_ERRORS = (ConfigError, DataError, SpaceError, StorageError, TrackingError)
 INTERRUPTED = 130
 
@@ -46,16 +45,46 @@ def configure_libraries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+class TrialPool:
+    """A launch's trials, which its workers draw one at a time as they finish the last: however long each trial
+    takes, no worker sits idle while trials are left (fixed shares left one of two workers idle for half of a
+    cpu-preset study, docs/benchmarks.md). Shared by the processes of one machine."""
+
+    def __init__(self, trials: int):
+        self.left = multiprocessing.get_context("spawn").Value("i", trials)
+
+    def draw(self) -> bool:
+        with self.left.get_lock():
+            if self.left.value <= 0:
+                return False
+            self.left.value -= 1
+            return True
+
+    def give_back(self, trials: int) -> None:
+        """Trials drawn by a worker that died: they failed and were re-queued, and run again from the pool."""
+        with self.left.get_lock():
+            self.left.value += trials
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Study callback: draw the next trial, or stop this worker."""
+        if not self.draw():
+            study.stop()
+
+
 def run_trials(s: StudySettings, corpus, study: optuna.Study, tracker: StudyTracker, handler: StaleTrialHandler,
-               trials: int, worker_index: int | None = None, launch_id: str | None = None) -> bool:
-    """This process's trials; False when interrupted by Ctrl-C."""
+               trials: int, worker_index: int | None = None, launch_id: str | None = None,
+               pool: TrialPool | None = None) -> bool:
+    """This process's trials: `trials` of them, or as many as it draws from a launch's pool; False when interrupted
+    by Ctrl-C."""
     attrs = {} if worker_index is None else {"worker_index": worker_index, "launch_id": launch_id}
     objective = Objective(s.space, s.base, corpus, tracker, s.objective, s.sample, s.pruner != "none", handler, attrs)
     progress = Progress(trials, bar=worker_index is None,
                         prefix="" if worker_index is None else f"[worker {worker_index}] ")
+    if pool is not None and not pool.draw():
+        return True
     try:
-        study.optimize(objective, n_trials=trials, timeout=s.timeout, catch=(Exception,),
-                       callbacks=[release_gpu_memory, progress], gc_after_trial=True)
+        study.optimize(objective, n_trials=None if pool else trials, timeout=s.timeout, catch=(Exception,),
+                       callbacks=[release_gpu_memory, progress, *([pool] if pool else [])], gc_after_trial=True)
     except KeyboardInterrupt:
         return False
     finally:
@@ -63,8 +92,9 @@ def run_trials(s: StudySettings, corpus, study: optuna.Study, tracker: StudyTrac
     return True
 
 
-def worker_main(s: StudySettings, index: int, trials: int, launch_id: str, threads: int) -> None:
-    """A launched worker process: join the stores, run its share of the trials, exit 0 (130 when interrupted)."""
+def worker_main(s: StudySettings, index: int, pool: TrialPool, launch_id: str, threads: int) -> None:
+    """A launched worker process: join the stores, run trials while the pool has some, exit 0 (130 when
+    interrupted)."""
     configure_libraries()
     torch.set_num_threads(threads)
     handler = StaleTrialHandler()
@@ -74,17 +104,12 @@ def worker_main(s: StudySettings, index: int, trials: int, launch_id: str, threa
     except SETUP_ERRORS as exc:
         fail(f"worker {index}: {exc}", "python study/run.py")
     try:
-        done = run_trials(s, corpus, study, tracker, handler, trials, index, launch_id)
+        done = run_trials(s, corpus, study, tracker, handler, s.trials, index, launch_id, pool)
     except KeyboardInterrupt:
         done = False
     finally:
         tracker.client.close()
     sys.exit(0 if done else INTERRUPTED)
-
-
-def shares(trials: int, workers: int) -> list[int]:
-    """Split trials as evenly as possible: exactly the requested number in total."""
-    return [trials // workers + (i < trials % workers) for i in range(workers)]
 
 
 def worker_env(index: int, threads: int, spread_gpus: bool = True) -> dict:
@@ -116,13 +141,6 @@ def environment(env: dict):
         os.environ.update(saved)
 
 
-def done_by(study: optuna.Study, launch_id: str, index: int) -> int:
-    """Trials worker `index` of this launch finished (those failed because a worker died do not count)."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
-               if t.user_attrs.get("launch_id") == launch_id and t.user_attrs.get("worker_index") == index
-               and not t.user_attrs.get(STALE_ATTR))
-
-
 class Launcher:
     def __init__(self, settings: StudySettings):
         self.settings = settings
@@ -130,29 +148,30 @@ class Launcher:
         self.threads = settings.threads or max(1, len(os.sched_getaffinity(0)) // settings.workers)
         self.launch_id = uuid.uuid4().hex[:12]
         self.procs: dict[int, multiprocessing.Process] = {}
+        self.pool = TrialPool(settings.trials)
 
-    def spawn(self, index: int, share: int) -> None:
+    def spawn(self, index: int) -> None:
         proc = multiprocessing.get_context("spawn").Process(
-            target=worker_main, args=(self.settings, index, share, self.launch_id, self.threads),
+            target=worker_main, args=(self.settings, index, self.pool, self.launch_id, self.threads),
             name=f"study-worker-{index}")
         with environment(worker_env(index, self.threads, self.spread_gpus)):
             proc.start()
         self.procs[index] = proc
 
     def run(self, study: optuna.Study, handler: StaleTrialHandler) -> bool:
-        """Start the workers and wait; a worker that dies is replaced for the rest of its share.
+        """Start the workers and wait; a worker that dies is replaced while trials are left.
 
         Returns False when interrupted (Ctrl-C reaches the workers too; each fails its running trial).
         """
-        plan = dict(enumerate(shares(self.settings.trials, self.settings.workers)))  # each index's share
-        respawns = dict.fromkeys(plan, 0)
-        for index, share in plan.items():
-            if share:
-                self.spawn(index, share)
+        workers = min(self.settings.workers, self.settings.trials)
+        respawns = dict.fromkeys(range(workers), 0)
+        for index in range(workers):
+            self.spawn(index)
         gpus = min(torch.cuda.device_count(), self.settings.workers) if self.spread_gpus else 1
         where = f"{gpus} GPU{'s' * (gpus > 1)}, " if torch.cuda.is_available() else ""
         threads = f"{self.threads} CPU thread{'s' * (self.threads > 1)}"
-        print(f"{len(self.procs)} workers on {where}{threads} each, trials {list(plan.values())}", flush=True)
+        print(f"{len(self.procs)} workers on {where}{threads} each, {self.settings.trials} trials, each worker "
+              "starting the next as it finishes one", flush=True)
         try:
             while self.procs:
                 time.sleep(0.5)
@@ -164,12 +183,13 @@ class Launcher:
                     if proc.exitcode == 0:
                         continue
                     recovered = recover_dead_workers(study, handler)
-                    left = plan[index] - done_by(study, self.launch_id, index)
+                    self.pool.give_back(len(recovered))
+                    left = self.pool.left.value
                     print(f"worker {index} exited with {proc.exitcode}; trials {recovered} failed and re-queued; "
-                          f"{left} of its trials left", flush=True)
+                          f"{left} trials not yet started", flush=True)
                     if left > 0 and respawns[index] < MAX_RESPAWNS and proc.exitcode != INTERRUPTED:
                         respawns[index] += 1
-                        self.spawn(index, left)
+                        self.spawn(index)
         except KeyboardInterrupt:
             for proc in self.procs.values():
                 proc.join()

@@ -235,3 +235,27 @@ def test_the_cpu_preset_starts_a_worker_per_core_unless_told(workdir, corpus_fil
     args = study_run.parse_args(["--preset", "cpu", "--device", "cpu", "--data", corpus_file, *flags])
     settings, _ = settings_from_args(args)
     assert settings.workers == expected
+
+
+def _draw_all(pool, counts, index):
+    while pool.draw():
+        counts[index] += 1
+        time.sleep(0.001 * (index + 1))  # one process slower than the other
+
+
+def test_workers_draw_exactly_the_launchs_trials_between_them():
+    import multiprocessing
+
+    from study.workers import TrialPool
+
+    pool = TrialPool(60)
+    ctx = multiprocessing.get_context("spawn")
+    counts = ctx.Array("i", 2)
+    procs = [ctx.Process(target=_draw_all, args=(pool, counts, i)) for i in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=60)
+    assert sum(counts) == 60 and not pool.draw()
+    pool.give_back(1)  # a dead worker's trial, failed and re-queued
+    assert pool.draw() and not pool.draw()
