@@ -29,7 +29,8 @@ from study.space import PRESETS, SEARCHED  # noqa: E402
 from study.storage import PRUNERS, SAMPLERS  # noqa: E402
 from study.summary import study_summary  # noqa: E402
 from study.tracking import first_line, redact, resolve_tracking_uri  # noqa: E402
-from study.workers import SETUP_ERRORS, Launcher, configure_libraries, run_trials  # noqa: E402
+from study.workers import (SETUP_ERRORS, Launcher, configure_libraries, run_trials,  # noqa: E402
+                           terminate_as_interrupt)
 
 PROG = "python study/run.py"
 
@@ -118,7 +119,8 @@ def execute(s: StudySettings, corpus: Corpus) -> tuple[optuna.Study, dict, str]:
         if s.workers > 1:
             done = Launcher(s).run(study, handler)
         else:
-            done = run_trials(s, corpus, study, tracker, handler, s.trials)
+            with terminate_as_interrupt():
+                done = run_trials(s, corpus, study, tracker, handler, s.trials)
         status = "FINISHED" if done else "KILLED"
     finally:
         summary = study_summary(study)

@@ -10,7 +10,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 
@@ -43,6 +45,29 @@ def configure_libraries() -> None:
     # spooled; the timeout is per socket operation, so large uploads still go through.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt(before=None):
+    """SIGTERM (`kill PID`) stops a study as Ctrl-C does: the running trials are failed and the study's run closed.
+
+    before() runs first: a launcher interrupts its workers, which would otherwise go on drawing the launch's trials
+    with no one waiting for them. Signal handlers belong to the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        if before is not None:
+            before()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class TrialPool:
@@ -165,8 +190,18 @@ class Launcher:
         """
         workers = min(self.settings.workers, self.settings.trials)
         respawns = dict.fromkeys(range(workers), 0)
-        for index in range(workers):
-            self.spawn(index)
+        with terminate_as_interrupt(self.interrupt_workers):
+            for index in range(workers):
+                self.spawn(index)
+            return self._wait(study, handler, respawns)
+
+    def interrupt_workers(self) -> None:
+        """Ctrl-C for the workers alone, as when this process is sent SIGTERM."""
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGINT)
+
+    def _wait(self, study: optuna.Study, handler: StaleTrialHandler, respawns: dict[int, int]) -> bool:
         gpus = min(torch.cuda.device_count(), self.settings.workers) if self.spread_gpus else 1
         where = f"{gpus} GPU{'s' * (gpus > 1)}, " if torch.cuda.is_available() else ""
         threads = f"{self.threads} CPU thread{'s' * (self.threads > 1)}"

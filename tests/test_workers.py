@@ -60,6 +60,13 @@ def test_fresh_stores_touched_by_three_processes_at_once(workdir, corpus_file):
 
 def kill_a_worker_mid_trial(study_loader, launcher: subprocess.Popen, timeout: float = 120) -> int:
     """SIGKILL the process running the first non-baseline trial once it is under way; returns its trial number."""
+    trial = wait_for_a_running_trial(study_loader, launcher, timeout)
+    os.kill(trial.user_attrs["worker_pid"], signal.SIGKILL)
+    return trial.number
+
+
+def wait_for_a_running_trial(study_loader, launcher: subprocess.Popen, timeout: float = 120):
+    """The first non-baseline trial a launched worker runs, once it is well inside training."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert launcher.poll() is None, "the study ended before a worker could be killed"
@@ -71,8 +78,7 @@ def kill_a_worker_mid_trial(study_loader, launcher: subprocess.Popen, timeout: f
             running = []
         if running:
             time.sleep(0.5)  # well inside training
-            os.kill(running[0].user_attrs["worker_pid"], signal.SIGKILL)
-            return running[0].number
+            return running[0]
         time.sleep(0.1)
     pytest.fail("no trial started in time")
 
@@ -104,6 +110,27 @@ def test_sigkilled_journal_worker_is_replaced_and_its_trial_requeued(workdir, co
     assert launcher.returncode == 0, out
     assert f"trials [{killed}] failed and re-queued" in out
     assert_recovered(load_study(workdir), MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), killed, finished=4)
+
+
+def test_sigterm_to_a_study_interrupts_its_workers_and_closes_the_study(workdir, corpus_file, tmp_path):
+    space = tmp_path / "slow.yaml"
+    space.write_text(SLOW_TRIALS)
+    launcher = subprocess.Popen(study_cmd(corpus_file, "--trials", "6", "--workers", "2", "--space", str(space)),
+                                cwd=workdir, env=env_without_tracking(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    interrupted = wait_for_a_running_trial(lambda: load_study(workdir), launcher).number
+    launcher.send_signal(signal.SIGTERM)  # `kill PID`
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, out
+    study = load_study(workdir)
+    assert study.trials[interrupted].state == TrialState.FAIL
+    assert study.trials[interrupted].user_attrs["fail_reason"] == "interrupted"
+    assert not any(t.state == TrialState.RUNNING for t in study.trials)
+    for pid in {t.user_attrs["worker_pid"] for t in study.trials}:  # no worker goes on drawing trials
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert parent_runs(client, "smoke-verse")[0].info.status == "KILLED"
 
 
 @pytest.mark.slow  # covered in the default run by test_shared_stores' PostgreSQL and MLflow-server tests
