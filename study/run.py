@@ -63,7 +63,7 @@ def build_parser() -> Parser:
                         "corpus has those characters, else its first 8 characters)")
     parser.add_argument("--sample-tokens", type=int, default=500, help="characters per sample (default: 500)")
     parser.add_argument("--workers", type=int, help="worker processes on this machine (default: 1; "
-                        "with the cpu preset on the CPU, one per core, at most 8)")
+                        "with the cpu preset on the CPU, one per core or per --threads cores, at most 8)")
     parser.add_argument("--trials-per-gpu", type=int, metavar="K", help="K worker processes per visible GPU, "
                         "training K trials at once on each (instead of --workers)")
     parser.add_argument("--threads", type=int, help="CPU threads per worker (default: the cores split between "
@@ -122,6 +122,12 @@ def execute(s: StudySettings, corpus: Corpus) -> tuple[optuna.Study, dict, str]:
             with terminate_as_interrupt():
                 done = run_trials(s, corpus, study, tracker, handler, s.trials)
         status = "FINISHED" if done else "KILLED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
     finally:
         summary = study_summary(study)
         tracker.finish(summary, summary.get("checkpoint_run_id"), status)
@@ -136,8 +142,11 @@ def run_study(**options) -> optuna.Study:
 
     Options are the command line's, named as its flags with underscores: `run_study(trials=20, preset="cpu",
     data="input.txt", n_layer=2)`. Impossible options raise ValueError (or TypeError for unknown names);
-    Ctrl-C fails the running trial, closes the study's run, and raises KeyboardInterrupt.
+    Ctrl-C fails the running trial, closes the study's run, and raises KeyboardInterrupt. Trials run in this process
+    unless `workers` (or `trials_per_gpu`) is given, whatever the preset.
     """
+    if "workers" not in options and "trials_per_gpu" not in options:
+        options["workers"] = 1  # workers are spawned processes: a script without a __main__ guard would re-run
     study, _, status = execute(*settings_from_args(options_checked(build_parser(), check_args, **options)))
     if status == "KILLED":
         raise KeyboardInterrupt

@@ -109,4 +109,10 @@ def worker_count(args: argparse.Namespace, base: TrainConfig, per_core: bool = F
         return args.workers
     if not per_core or resolve_device(base.device).type != "cpu":
         return 1
-    return max(1, min(MAX_CPU_WORKERS, len(os.sched_getaffinity(0)) // (args.threads or 1)))
+    return max(1, min(MAX_CPU_WORKERS, usable_cores() // (args.threads or 1)))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, cgroups' cpusets), or all of them where the OS cannot say."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    return len(affinity(0)) if affinity else os.cpu_count() or 1

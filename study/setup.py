@@ -70,14 +70,25 @@ def _open_study(s: StudySettings, handler: StaleTrialHandler, create: bool) -> o
     return study
 
 
+# What a trial's reported steps mean, and where asha's rungs stand on them: resumed trials must compare.
+PRUNING_AXIS = "thousandths of the schedule; asha at 1/16 and 1/4"
+EARLIER_AXIS = "thousandths of the schedule"  # asha at 1/8 and 1/2
+
+
 def _check_same_setup(study: optuna.Study, s: StudySettings) -> None:
     """A resumed study must keep its corpus, search space and fixed settings, or its trials stop comparing."""
-    setup = {"corpus_sha256": s.corpus_sha256, "pruning_axis": "thousandths of the schedule",
+    setup = {"corpus_sha256": s.corpus_sha256, "pruning_axis": PRUNING_AXIS,
              "space": {k: distribution_to_json(v) for k, v in s.space.items()},
              "fixed": {k: v for k, v in asdict(s.base).items() if k not in ("device", "compile")}}
     stored = study.user_attrs.get("setup")
     if stored is not None:
         stored["fixed"].setdefault("arch", "gpt")  # studies from before the encoder-decoder were all of GPTs
+    if stored is not None and stored.get("pruning_axis") == EARLIER_AXIS:
+        if s.pruner == "asha":  # its trials' rung values stand at 1/8 and 1/2: the new rungs would compare unlike
+            raise StorageError(f"study {s.study_name!r} was pruned at 1/8 and 1/2 of the schedules by an earlier "
+                               "version; resume it with --pruner hyperband, median or none, or pick another "
+                               "--study-name")
+        stored["pruning_axis"] = PRUNING_AXIS
     if stored is None:
         if not study.trials:
             study.set_user_attr("setup", setup)

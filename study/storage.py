@@ -149,7 +149,7 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
     Successive halving (asha) keeps the best quarter of the trials at 1/16 and at 1/4 of their schedules (a trial's
     first eval at or past the point), and past 1/4 only a trial among the two best there: a pruned trial has cost a
-    sixteenth of its length, or a quarter, and a trial runs to the end only while it may become the best. Optuna's
+    sixteenth of its length, or a quarter, and the last three quarters go to trials that may end as the best. Optuna's
     rule is asynchronous: while fewer than four trials have reached a point, only the best of them goes on. Hyperband runs successive
     halving (a third kept) in two brackets, one judging from 1/8 and one from 3/8 of the schedule.
     """
@@ -185,10 +185,12 @@ class HalvingToFinalists(optuna.pruners.BasePruner):
         self._finalists = finalists
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if self._last_key in trial.system_attrs:
+            return False  # past the last rung at an earlier eval: no more cuts (Optuna's halving has more rungs)
         if self._halving.prune(study, trial):
             return True
-        if trial.last_step < self._last_step or self._last_key in trial.system_attrs:
-            return False  # not at the last rung yet, or past it at an earlier eval
+        if trial.last_step < self._last_step:
+            return False
         value = trial.intermediate_values[trial.last_step]
         better = [t.system_attrs[self._last_key] for t in study.get_trials(deepcopy=False)
                   if t.number != trial.number and self._last_key in t.system_attrs]

@@ -25,7 +25,7 @@ from model.data import DataError
 from study.objective import Objective, release_gpu_memory
 from study.progress import Progress
 from study.recovery import StaleTrialHandler, recover_dead_workers
-from study.settings import StudySettings
+from study.settings import StudySettings, usable_cores
 from study.setup import join_stores
 from study.space import SpaceError
 from study.storage import StorageError
@@ -59,6 +59,7 @@ def terminate_as_interrupt(before=None):
         return
 
     def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
         if before is not None:
             before()
         raise KeyboardInterrupt
@@ -170,7 +171,7 @@ class Launcher:
     def __init__(self, settings: StudySettings):
         self.settings = settings
         self.spread_gpus = ":" not in settings.base.device  # --device cuda:N keeps every worker on GPU N
-        self.threads = settings.threads or max(1, len(os.sched_getaffinity(0)) // settings.workers)
+        self.threads = settings.threads or max(1, usable_cores() // settings.workers)
         self.launch_id = uuid.uuid4().hex[:12]
         self.procs: dict[int, multiprocessing.Process] = {}
         self.pool = TrialPool(settings.trials)

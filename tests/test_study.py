@@ -148,3 +148,17 @@ def test_resuming_with_another_setup_is_refused(workdir, corpus_file, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "was created with other fixed settings: n_layer 1 (now 2)" in err
     assert len(load_study(workdir).trials) == 1
+
+
+def test_a_study_pruned_on_the_earlier_rungs_resumes_with_another_pruner_but_not_asha(workdir, corpus_file, capsys):
+    from study.setup import EARLIER_AXIS
+
+    assert run_study("--trials", "1", "--data", corpus_file) == 0
+    study = load_study(workdir)
+    study.set_user_attr("setup", {**study.user_attrs["setup"], "pruning_axis": EARLIER_AXIS})  # as stored before
+    capsys.readouterr()
+    assert run_study("--trials", "1", "--data", corpus_file, "--pruner", "asha") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pruned at 1/8 and 1/2 of the schedules by an earlier version" in err
+    assert run_study("--trials", "1", "--data", corpus_file, "--pruner", "median") == 0
+    assert len(load_study(workdir).trials) == 2
