@@ -99,12 +99,17 @@ def assert_recovered(study: optuna.Study, client: MlflowClient, killed: int, fin
     assert not [c for c in child_runs(client, study.study_name) if c.info.status == "RUNNING"]
 
 
-def test_sigkilled_journal_worker_is_replaced_and_its_trial_requeued(workdir, corpus_file, tmp_path):
+def launch_slow_study(workdir, corpus_file: str, tmp_path, trials: int) -> subprocess.Popen:
+    """A two-worker study in the background, its trials long enough to be interrupted in the middle."""
     space = tmp_path / "slow.yaml"
     space.write_text(SLOW_TRIALS)
-    launcher = subprocess.Popen(study_cmd(corpus_file, "--trials", "4", "--workers", "2", "--space", str(space)),
-                                cwd=workdir, env=env_without_tracking(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(study_cmd(corpus_file, "--trials", str(trials), "--workers", "2", "--space", str(space)),
+                            cwd=workdir, env=env_without_tracking(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkilled_journal_worker_is_replaced_and_its_trial_requeued(workdir, corpus_file, tmp_path):
+    launcher = launch_slow_study(workdir, corpus_file, tmp_path, trials=4)
     killed = kill_a_worker_mid_trial(lambda: load_study(workdir), launcher)
     out, _ = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, out
@@ -113,11 +118,7 @@ def test_sigkilled_journal_worker_is_replaced_and_its_trial_requeued(workdir, co
 
 
 def test_sigterm_to_a_study_interrupts_its_workers_and_closes_the_study(workdir, corpus_file, tmp_path):
-    space = tmp_path / "slow.yaml"
-    space.write_text(SLOW_TRIALS)
-    launcher = subprocess.Popen(study_cmd(corpus_file, "--trials", "6", "--workers", "2", "--space", str(space)),
-                                cwd=workdir, env=env_without_tracking(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    launcher = launch_slow_study(workdir, corpus_file, tmp_path, trials=6)
     interrupted = wait_for_a_running_trial(lambda: load_study(workdir), launcher).number
     launcher.send_signal(signal.SIGTERM)  # `kill PID`
     out, _ = launcher.communicate(timeout=120)
