@@ -23,7 +23,13 @@ class TrainingDiverged(RuntimeError):
 
 
 class Callback(Protocol):
-    """Listens to training; either method may raise to stop it (the exception propagates out of train)."""
+    """Listens to training; any method may raise to stop it (the exception propagates out of train).
+
+    Each is optional. on_step runs before every training step and must be cheap: it is how a stop request ends a
+    run between two steps.
+    """
+
+    def on_step(self, step: int) -> None: ...
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -147,6 +153,7 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
 
     # ---- loop ----
     callbacks = list(callbacks)
+    step_hooks = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
     history: list[dict] = []
     best_val = math.inf
     train_time, timed_steps, seg_steps, timed_tokens, seg_tokens = 0.0, 0, 0, 0, 0
@@ -155,6 +162,8 @@ def train(config: TrainConfig, corpus: Corpus, callbacks: Sequence[Callback] = (
     seg_start = first_step_s = None
     inputs, targets = task.batch("train", train_gen)
     for step in range(1, config.max_iters + 1):
+        for hook in step_hooks:
+            hook(step)
         lr = lr_at(step - 1, config)
         for group in optimizer.param_groups:
             group["lr"] = lr

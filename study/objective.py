@@ -16,6 +16,7 @@ from model.train import resolve_device, train
 from study.recovery import StaleTrialHandler, mark_worker, recover_dead_workers
 from study.registry import register_best_model
 from study.space import suggest_params
+from study.stopping import Stop
 from study.storage import schedule_point
 from study.summary import completed_trials
 from study.tracking import StudyTracker, code_version, describe_error, format_traceback
@@ -64,14 +65,16 @@ class ReportToOptuna:
 class Objective:
     def __init__(self, space: dict, base: TrainConfig, corpus: Corpus, tracker: StudyTracker,
                  objective: str, sample: SampleSpec, prune: bool, stale_handler: StaleTrialHandler | None = None,
-                 attrs: dict | None = None):
+                 attrs: dict | None = None, stop: Stop | None = None):
         self.space, self.base, self.corpus, self.tracker = space, base, corpus, tracker
         self.objective, self.sample, self.prune = objective, sample, prune
         self.stale_handler, self.attrs = stale_handler, attrs or {}
+        self.stop = stop or Stop()  # a flag nothing sets: the trial runs to its end
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         run = None
         try:
+            self.stop.check()  # asked between the last trial's end and this one's start
             mark_worker(trial)
             for key, value in self.attrs.items():
                 trial.set_user_attr(key, value)
@@ -88,7 +91,7 @@ class Objective:
             trial.set_user_attr("config", dataclasses.asdict(config))  # the full config, to re-run it exactly
             judge_from = JUDGED_AFTER_WARMUPS * config.warmup_iters
             reporter = ReportToOptuna(trial, config.max_iters, judge_from, exempt=baseline)  # the "before" runs whole
-            callbacks = [run, reporter] if self.prune else [run]
+            callbacks = [self.stop, run, reporter] if self.prune else [self.stop, run]
             result = train(config, self.corpus, callbacks)
             return self._finish(trial, run, result)
         except optuna.TrialPruned:
@@ -114,6 +117,7 @@ class Objective:
         text = sample_text(result.model, self.corpus.tokenizer, self.sample.prompt, self.sample.max_new_tokens,
                            self.sample.temperature, self.sample.top_k, self.sample.seed)
         run.log_text(text, "sample.txt")
+        self.stop.check()  # a trial running when the stop came is failed as interrupted, even this close to its end
         for key, value in result.outcome().items():  # the report reads the outcome record back from here
             trial.set_user_attr(key, value)
         if self._is_best_so_far(trial, result.best_val_loss):

@@ -29,8 +29,8 @@ from study.space import PRESETS, SEARCHED  # noqa: E402
 from study.storage import PRUNERS, SAMPLERS  # noqa: E402
 from study.summary import study_summary  # noqa: E402
 from study.tracking import first_line, redact, resolve_tracking_uri  # noqa: E402
-from study.workers import (SETUP_ERRORS, Launcher, configure_libraries, run_trials,  # noqa: E402
-                           terminate_as_interrupt)
+from study.stopping import Stop, stop_on_signals  # noqa: E402
+from study.workers import SETUP_ERRORS, Launcher, configure_libraries, run_trials  # noqa: E402
 
 PROG = "python study/run.py"
 
@@ -119,8 +119,8 @@ def execute(s: StudySettings, corpus: Corpus) -> tuple[optuna.Study, dict, str]:
         if s.workers > 1:
             done = Launcher(s).run(study, handler)
         else:
-            with terminate_as_interrupt():
-                done = run_trials(s, corpus, study, tracker, handler, s.trials)
+            with stop_on_signals(Stop()) as stop:
+                done = run_trials(s, corpus, study, tracker, handler, s.trials, stop)
         status = "FINISHED" if done else "KILLED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"MLflow tracking at {redact(resolve_tracking_uri(args.tracking_uri))}: {first_line(exc)}", PROG)
     if status != "KILLED":
         return 0
-    print(f"{PROG}: interrupted; the running trial is marked FAIL. Run the same command to resume.",
+    print(f"{PROG}: interrupted; the running trials are marked FAIL. Run the same command to resume.",
           file=sys.stderr)
     return 130
 

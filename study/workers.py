@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
-import threading
 import time
 import uuid
 
@@ -28,6 +29,7 @@ from study.recovery import StaleTrialHandler, recover_dead_workers
 from study.settings import StudySettings, usable_cores
 from study.setup import join_stores
 from study.space import SpaceError
+from study.stopping import STOP_GRACE_S, Stop, die_with_parent, stop_on_signals
 from study.storage import StorageError
 from study.tracking import StudyTracker, TrackingError
 
@@ -45,30 +47,6 @@ def configure_libraries() -> None:
     # spooled; the timeout is per socket operation, so large uploads still go through.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt(before=None):
-    """SIGTERM (`kill PID`) stops a study as Ctrl-C does: the running trials are failed and the study's run closed.
-
-    before() runs first: a launcher interrupts its workers, which would otherwise go on drawing the launch's trials
-    with no one waiting for them. Signal handlers belong to the main thread; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-        if before is not None:
-            before()
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class TrialPool:
@@ -98,43 +76,47 @@ class TrialPool:
 
 
 def run_trials(s: StudySettings, corpus, study: optuna.Study, tracker: StudyTracker, handler: StaleTrialHandler,
-               trials: int, worker_index: int | None = None, launch_id: str | None = None,
+               trials: int, stop: Stop, worker_index: int | None = None, launch_id: str | None = None,
                pool: TrialPool | None = None) -> bool:
-    """This process's trials: `trials` of them, or as many as it draws from a launch's pool; False when interrupted
-    by Ctrl-C."""
+    """This process's trials: `trials` of them, or as many as it draws from a launch's pool; False when stopped."""
     attrs = {} if worker_index is None else {"worker_index": worker_index, "launch_id": launch_id}
-    objective = Objective(s.space, s.base, corpus, tracker, s.objective, s.sample, s.pruner != "none", handler, attrs)
+    objective = Objective(s.space, s.base, corpus, tracker, s.objective, s.sample, s.pruner != "none", handler, attrs,
+                          stop)
     progress = Progress(trials, bar=worker_index is None,
                         prefix="" if worker_index is None else f"[worker {worker_index}] ")
+    if stop.requested:
+        return False
     if pool is not None and not pool.draw():
         return True
     try:
+        # the stop callback comes before the pool's: a stopped worker draws nothing more
         study.optimize(objective, n_trials=None if pool else trials, timeout=s.timeout, catch=(Exception,),
-                       callbacks=[release_gpu_memory, progress, *([pool] if pool else [])], gc_after_trial=True)
-    except KeyboardInterrupt:
+                       callbacks=[release_gpu_memory, progress, stop, *([pool] if pool else [])], gc_after_trial=True)
+    except KeyboardInterrupt:  # StudyStopped, or Ctrl-C where no handler could be installed (not the main thread)
         return False
     finally:
         progress.close()
-    return True
+    return not stop.requested
 
 
-def worker_main(s: StudySettings, index: int, pool: TrialPool, launch_id: str, threads: int) -> None:
-    """A launched worker process: join the stores, run trials while the pool has some, exit 0 (130 when
-    interrupted)."""
-    configure_libraries()
-    torch.set_num_threads(threads)
-    handler = StaleTrialHandler()
-    try:
-        corpus = s.load_corpus()
-        study, tracker = join_stores(s, handler, index)
-    except SETUP_ERRORS as exc:
-        fail(f"worker {index}: {exc}", "python study/run.py")
-    try:
-        done = run_trials(s, corpus, study, tracker, handler, s.trials, index, launch_id, pool)
-    except KeyboardInterrupt:
-        done = False
-    finally:
-        tracker.client.close()
+def worker_main(s: StudySettings, index: int, pool: TrialPool, launch_id: str, threads: int, stop_event,
+                launcher_pid: int) -> None:
+    """A launched worker process: join the stores, run trials while the pool has some and no stop was asked, exit 0
+    (130 when stopped, by its launcher or by a signal of its own)."""
+    die_with_parent(launcher_pid)
+    with stop_on_signals(Stop(stop_event), f"worker {index}") as stop:
+        configure_libraries()
+        torch.set_num_threads(threads)
+        handler = StaleTrialHandler()
+        try:
+            corpus = s.load_corpus()
+            study, tracker = join_stores(s, handler, index)
+        except SETUP_ERRORS as exc:
+            fail(f"worker {index}: {exc}", "python study/run.py")
+        try:
+            done = run_trials(s, corpus, study, tracker, handler, s.trials, stop, index, launch_id, pool)
+        finally:
+            tracker.client.close()
     sys.exit(0 if done else INTERRUPTED)
 
 
@@ -168,6 +150,12 @@ def environment(env: dict):
 
 
 class Launcher:
+    """Starts the study's workers, replaces one that dies while trials are left, and stops them all when asked.
+
+    A stop (SIGTERM or Ctrl-C to this process, or a worker stopped by a signal of its own) sets the event the workers
+    read and sends each SIGTERM: each fails its running trial as interrupted and exits; none draws another.
+    """
+
     def __init__(self, settings: StudySettings):
         self.settings = settings
         self.spread_gpus = ":" not in settings.base.device  # --device cuda:N keeps every worker on GPU N
@@ -175,61 +163,70 @@ class Launcher:
         self.launch_id = uuid.uuid4().hex[:12]
         self.procs: dict[int, multiprocessing.Process] = {}
         self.pool = TrialPool(settings.trials)
+        self.stop = Stop(multiprocessing.get_context("spawn").Event())
 
     def spawn(self, index: int) -> None:
         proc = multiprocessing.get_context("spawn").Process(
-            target=worker_main, args=(self.settings, index, self.pool, self.launch_id, self.threads),
+            target=worker_main, args=(self.settings, index, self.pool, self.launch_id, self.threads,
+                                      self.stop.shared, os.getpid()),
             name=f"study-worker-{index}")
         with environment(worker_env(index, self.threads, self.spread_gpus)):
             proc.start()
         self.procs[index] = proc
 
     def run(self, study: optuna.Study, handler: StaleTrialHandler) -> bool:
-        """Start the workers and wait; a worker that dies is replaced while trials are left.
-
-        Returns False when interrupted (Ctrl-C reaches the workers too; each fails its running trial).
-        """
+        """Start the workers and wait for them; False when the study was stopped."""
         workers = min(self.settings.workers, self.settings.trials)
         respawns = dict.fromkeys(range(workers), 0)
-        with terminate_as_interrupt(self.interrupt_workers):
+        with stop_on_signals(self.stop):
             for index in range(workers):
                 self.spawn(index)
-            return self._wait(study, handler, respawns)
+            self._announce()
+            self._wait(study, handler, respawns)
+        recover_dead_workers(study, handler)
+        return not self.stop.requested
 
-    def interrupt_workers(self) -> None:
-        """Ctrl-C for the workers alone, as when this process is sent SIGTERM."""
-        for proc in self.procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGINT)
-
-    def _wait(self, study: optuna.Study, handler: StaleTrialHandler, respawns: dict[int, int]) -> bool:
+    def _announce(self) -> None:
         gpus = min(torch.cuda.device_count(), self.settings.workers) if self.spread_gpus else 1
         where = f"{gpus} GPU{'s' * (gpus > 1)}, " if torch.cuda.is_available() else ""
         threads = f"{self.threads} CPU thread{'s' * (self.threads > 1)}"
         print(f"{len(self.procs)} workers on {where}{threads} each, {self.settings.trials} trials, each worker "
               "starting the next as it finishes one", flush=True)
-        try:
-            while self.procs:
-                time.sleep(0.5)
-                for index, proc in list(self.procs.items()):
-                    if proc.exitcode is None:
-                        continue
-                    del self.procs[index]
-                    proc.join()
-                    if proc.exitcode == 0:
-                        continue
-                    recovered = recover_dead_workers(study, handler)
-                    self.pool.give_back(len(recovered))
-                    left = self.pool.left.value
-                    print(f"worker {index} exited with {proc.exitcode}; trials {recovered} failed and re-queued; "
-                          f"{left} trials not yet started", flush=True)
-                    if left > 0 and respawns[index] < MAX_RESPAWNS and proc.exitcode != INTERRUPTED:
-                        respawns[index] += 1
-                        self.spawn(index)
-        except KeyboardInterrupt:
-            for proc in self.procs.values():
+
+    def _wait(self, study: optuna.Study, handler: StaleTrialHandler, respawns: dict[int, int]) -> None:
+        deadline = None  # once stopping: when the workers still running are killed
+        while self.procs:
+            multiprocessing.connection.wait([p.sentinel for p in self.procs.values()], timeout=0.2)
+            if self.stop.requested and deadline is None:
+                deadline = time.monotonic() + STOP_GRACE_S
+                self._signal_workers()
+            for index, proc in list(self.procs.items()):
+                if proc.exitcode is None:
+                    continue
+                del self.procs[index]
                 proc.join()
-            recover_dead_workers(study, handler)
-            return False
-        recover_dead_workers(study, handler)
-        return True
+                if proc.exitcode == 0:
+                    continue
+                if proc.exitcode == INTERRUPTED:  # stopped by a signal of its own (a scheduler's, say): stop all
+                    self.stop.request(f"worker {index} was stopped")
+                    continue
+                recovered = recover_dead_workers(study, handler)
+                self.pool.give_back(len(recovered))
+                left = self.pool.left.value
+                print(f"worker {index} exited with {proc.exitcode}; trials {recovered} failed and re-queued; "
+                      f"{left} trials not yet started", flush=True)
+                if left > 0 and respawns[index] < MAX_RESPAWNS and not self.stop.requested:
+                    respawns[index] += 1
+                    self.spawn(index)
+            if deadline is not None and time.monotonic() > deadline:
+                for index, proc in self.procs.items():
+                    print(f"worker {index} did not stop within {STOP_GRACE_S:.0f} s: killed", flush=True)
+                    proc.kill()
+                deadline = math.inf  # the next rounds collect them
+
+    def _signal_workers(self) -> None:
+        """The stop, told to every worker: the event for one between trials, SIGTERM for one inside a trial."""
+        self.stop.shared.set()
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)

@@ -26,7 +26,6 @@ from study import run as study_run
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES = os.environ.get("CHARGPT_TEST_POSTGRES")
 needs_postgres = pytest.mark.skipif(not POSTGRES, reason="set CHARGPT_TEST_POSTGRES to a PostgreSQL URL (.ci/run does)")
-SLOW_TRIALS = "max_iters:\n  low: 800\n  high: 800\n"  # trials long enough to be killed in the middle
 
 
 def study_cmd(corpus_file: str, *args: str) -> list[str]:
@@ -205,3 +204,26 @@ def connections_by_process(admin_url: str, application: str) -> dict[str, int]:
         rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity "
                             "WHERE application_name LIKE %s GROUP BY 1", (application + "%",)).fetchall()
     return dict(rows)
+
+
+def holding(env: dict, hold_dir: Path, trials: int) -> dict:
+    """env for a study whose first `trials` trials train until stopped (tests/hold/sitecustomize.py)."""
+    hold_dir.mkdir(parents=True, exist_ok=True)
+    return {**env, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "hold"), str(ROOT)]),
+            "CHARGPT_TEST_HOLD": f"{hold_dir}:{trials}"}
+
+
+def wait_for_held_trials(hold_dir: Path, trials: int, alive, timeout: float = 300) -> list[int]:
+    """The pids training the held trials, once each is past its first eval; fails if alive() turns False first.
+    The timeout only guards against a hang: the held trials never end by themselves."""
+    deadline = time.time() + timeout
+    while True:
+        marks = sorted(hold_dir.glob("training-*"))
+        marks = [m for m in marks if not m.name.endswith(".tmp")]
+        if len(marks) >= trials:
+            return [int(m.read_text()) for m in marks]
+        if not alive():
+            pytest.fail("the study ended before its held trials were training")
+        if time.time() > deadline:
+            pytest.fail(f"{len(marks)} of {trials} held trials training after {timeout:.0f} s")
+        time.sleep(0.1)

@@ -15,9 +15,9 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from study.storage import APPLICATION_NAME, POOL_OVERFLOW, POOL_SIZE, make_storage, setup_lock
-from study_helpers import (POSTGRES, SLOW_TRIALS, PostgresServer, assert_counts_match, child_runs,
-                           connections_by_process, env_without_tracking, fresh_postgres_database, needs_postgres,
-                           parent_runs, rdb_storage, start_mlflow_server, study_cmd)
+from study_helpers import (POSTGRES, PostgresServer, assert_counts_match, child_runs, connections_by_process,
+                           env_without_tracking, fresh_postgres_database, holding, needs_postgres, parent_runs,
+                           rdb_storage, start_mlflow_server, study_cmd, wait_for_held_trials)
 
 WAITING = "waiting for another process setting up a study"
 
@@ -113,33 +113,22 @@ def test_a_postgresql_restart_in_the_middle_of_a_trial_is_survived(tmp_path, cor
     server = PostgresServer()
     try:
         server.start()
-        space = tmp_path / "slow.yaml"
-        space.write_text(SLOW_TRIALS.replace("800", "1500"))  # a trial long enough to outlast the restart
-        work = tmp_path / "work"
+        work, hold = tmp_path / "work", tmp_path / "hold"
         work.mkdir()
-        storage = rdb_storage(server.url)
         log = open(work / "console.txt", "w")
-        proc = subprocess.Popen(study_cmd(corpus_file, "--trials", "2", "--storage", server.url, "--space", str(space)),
-                                cwd=work, env=env_without_tracking(), stdout=log, stderr=subprocess.STDOUT)
-
-        def trial_running() -> bool:
-            assert proc.poll() is None, (work / "console.txt").read_text()
-            try:
-                study = optuna.load_study(study_name="smoke-verse", storage=storage)
-            except KeyError:  # not created yet
-                return False
-            return any("mlflow_run_id" in t.user_attrs and not t.user_attrs.get("baseline")
-                       for t in study.get_trials(states=(TrialState.RUNNING,)))
-
-        wait_for(trial_running, "the first long trial to start")
+        proc = subprocess.Popen(study_cmd(corpus_file, "--trials", "2", "--storage", server.url), cwd=work,
+                                env=holding(env_without_tracking(), hold, trials=1), stdout=log,
+                                stderr=subprocess.STDOUT)
+        wait_for_held_trials(hold, 1, alive=lambda: proc.poll() is None)  # the first trial, inside training
         server.stop()
-        time.sleep(8)
+        time.sleep(8)  # the database stays down this long while the trial trains
         server.start()
         restarted = time.time()
+        (hold / "release").touch()
         assert proc.wait(timeout=300) == 0, (work / "console.txt").read_text()
         study = optuna.load_study(study_name="smoke-verse", storage=rdb_storage(server.url))
         assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
-        assert study.trials[1].datetime_complete.timestamp() > restarted  # the restart happened inside the trial
+        assert study.trials[0].datetime_complete.timestamp() > restarted  # the restart happened inside the trial
         client = MlflowClient(f"sqlite:///{Path(work) / 'mlflow.db'}")
         assert {r.info.status for r in child_runs(client, "smoke-verse")} == {"FINISHED"}
         assert len(parent_runs(client, "smoke-verse")) == 1

@@ -14,9 +14,9 @@ from optuna.trial import TrialState
 
 from model.config import TrainConfig
 from study.recovery import STALE_ATTR
-from study_helpers import (POSTGRES, SLOW_TRIALS, assert_counts_match, child_runs, env_without_tracking,
-                           fresh_postgres_database, load_study, needs_postgres, parent_runs, rdb_storage, run_study,
-                           start_mlflow_server, study_cmd)
+from study_helpers import (POSTGRES, assert_counts_match, child_runs, env_without_tracking, fresh_postgres_database,
+                           holding, load_study, needs_postgres, parent_runs, rdb_storage, run_study,
+                           start_mlflow_server, study_cmd, wait_for_held_trials)
 
 def test_two_workers_share_one_journal_study(workdir, corpus_file):
     assert run_study("--trials", "5", "--workers", "2", "--data", corpus_file, "--pruner", "none") == 0
@@ -58,29 +58,13 @@ def test_fresh_stores_touched_by_three_processes_at_once(workdir, corpus_file):
     assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
 
 
-def kill_a_worker_mid_trial(study_loader, launcher: subprocess.Popen, timeout: float = 120) -> int:
-    """SIGKILL the process running the first non-baseline trial once it is under way; returns its trial number."""
-    trial = wait_for_a_running_trial(study_loader, launcher, timeout)
-    os.kill(trial.user_attrs["worker_pid"], signal.SIGKILL)
+def kill_a_held_trial(hold_dir, study_loader, alive) -> int:
+    """SIGKILL the process running the held trial (tests/hold), certainly inside training; returns its number."""
+    (pid,) = wait_for_held_trials(hold_dir, 1, alive)
+    (trial,) = [t for t in study_loader().get_trials(states=(TrialState.RUNNING,))
+                if t.user_attrs.get("worker_pid") == pid]
+    os.kill(pid, signal.SIGKILL)
     return trial.number
-
-
-def wait_for_a_running_trial(study_loader, launcher: subprocess.Popen, timeout: float = 120):
-    """The first non-baseline trial a launched worker runs, once it is well inside training."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert launcher.poll() is None, "the study ended before a worker could be killed"
-        try:
-            running = [t for t in study_loader().get_trials(states=(TrialState.RUNNING,))
-                       if "worker_pid" in t.user_attrs and not t.user_attrs.get("baseline")
-                       and t.user_attrs["worker_pid"] != launcher.pid and "mlflow_run_id" in t.user_attrs]
-        except (KeyError, ValueError):  # the study is not created yet
-            running = []
-        if running:
-            time.sleep(0.5)  # well inside training
-            return running[0]
-        time.sleep(0.1)
-    pytest.fail("no trial started in time")
 
 
 def assert_recovered(study: optuna.Study, client: MlflowClient, killed: int, finished: int) -> None:
@@ -99,39 +83,16 @@ def assert_recovered(study: optuna.Study, client: MlflowClient, killed: int, fin
     assert not [c for c in child_runs(client, study.study_name) if c.info.status == "RUNNING"]
 
 
-def launch_slow_study(workdir, corpus_file: str, tmp_path, trials: int) -> subprocess.Popen:
-    """A two-worker study in the background, its trials long enough to be interrupted in the middle."""
-    space = tmp_path / "slow.yaml"
-    space.write_text(SLOW_TRIALS)
-    return subprocess.Popen(study_cmd(corpus_file, "--trials", str(trials), "--workers", "2", "--space", str(space)),
-                            cwd=workdir, env=env_without_tracking(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def test_sigkilled_journal_worker_is_replaced_and_its_trial_requeued(workdir, corpus_file, tmp_path):
-    launcher = launch_slow_study(workdir, corpus_file, tmp_path, trials=4)
-    killed = kill_a_worker_mid_trial(lambda: load_study(workdir), launcher)
+    hold = tmp_path / "hold"
+    launcher = subprocess.Popen(study_cmd(corpus_file, "--trials", "4", "--workers", "2"), cwd=workdir,
+                                env=holding(env_without_tracking(), hold, trials=1), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    killed = kill_a_held_trial(hold, lambda: load_study(workdir), alive=lambda: launcher.poll() is None)
     out, _ = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, out
     assert f"trials [{killed}] failed and re-queued" in out
     assert_recovered(load_study(workdir), MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), killed, finished=4)
-
-
-def test_sigterm_to_a_study_interrupts_its_workers_and_closes_the_study(workdir, corpus_file, tmp_path):
-    launcher = launch_slow_study(workdir, corpus_file, tmp_path, trials=6)
-    interrupted = wait_for_a_running_trial(lambda: load_study(workdir), launcher).number
-    launcher.send_signal(signal.SIGTERM)  # `kill PID`
-    out, _ = launcher.communicate(timeout=120)
-    assert launcher.returncode == 130, out
-    study = load_study(workdir)
-    assert study.trials[interrupted].state == TrialState.FAIL
-    assert study.trials[interrupted].user_attrs["fail_reason"] == "interrupted"
-    assert not any(t.state == TrialState.RUNNING for t in study.trials)
-    for pid in {t.user_attrs["worker_pid"] for t in study.trials}:  # no worker goes on drawing trials
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    assert parent_runs(client, "smoke-verse")[0].info.status == "KILLED"
 
 
 @pytest.mark.slow  # covered in the default run by test_shared_stores' PostgreSQL and MLflow-server tests
@@ -158,16 +119,14 @@ def test_workers_on_postgres_and_an_mlflow_server_backed_by_postgres(tmp_path, c
 @needs_postgres
 def test_sigkilled_worker_on_postgres_is_failed_and_requeued_by_a_living_one(tmp_path, corpus_file):
     url = fresh_postgres_database(POSTGRES)
-    space = tmp_path / "slow.yaml"
-    space.write_text(SLOW_TRIALS)
-    work = tmp_path / "work"
+    work, hold = tmp_path / "work", tmp_path / "hold"
     work.mkdir()
-    args = ("--trials", "3", "--storage", url, "--space", str(space), "--heartbeat-interval", "1")
+    args = ("--trials", "3", "--storage", url, "--heartbeat-interval", "1")
     storage = rdb_storage(url)
-    procs = [subprocess.Popen(study_cmd(corpus_file, *args), cwd=work, env=env_without_tracking(),
+    procs = [subprocess.Popen(study_cmd(corpus_file, *args), cwd=work, env=holding(env_without_tracking(), hold, 1),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    victim_trial = kill_a_worker_mid_trial(lambda: optuna.load_study(study_name="smoke-verse", storage=storage),
-                                           procs[0])
+    victim_trial = kill_a_held_trial(hold, lambda: optuna.load_study(study_name="smoke-verse", storage=storage),
+                                     alive=lambda: all(p.poll() is None for p in procs))
     # the killed process may be either; the survivor goes on and picks up the re-queued trial
     outs = [p.communicate(timeout=300)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
@@ -207,6 +166,7 @@ def test_heartbeat_stale_trial_is_closed_in_mlflow_and_requeued(workdir, corpus_
     assert trials[1].state == TrialState.WAITING
     assert trials[1].system_attrs["fixed_params"] == trials[0].params
     assert tracker.client.get_run(run.run_id).info.status == "KILLED"
+    run.stop_system_metrics()  # its sampler thread would outlive the test
 
 
 def test_trials_per_gpu_places_k_workers_on_each_gpu(monkeypatch):
