@@ -42,9 +42,11 @@ class HeldStudy:
                 assert self.proc.poll() is None, self.output()
                 time.sleep(0.05)
             self.pid = int(pid_file.read_text())
-        else:  # its own process group, as a terminal's foreground job
+        else:  # as a terminal starts its foreground job: its own process group, SIGINT at its default, whether or
+            # not this test runs in a background job (which inherits SIGINT ignored)
             self.proc = subprocess.Popen(self.cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             self.pid = self.proc.pid
         log.close()
         self.workers = wait_for_held_trials(self.hold, WORKERS, alive=lambda: self.proc.poll() is None)
@@ -114,6 +116,7 @@ def test_kill_stops_a_study_started_in_the_background_from_a_script(workdir, cor
 
 def test_ctrl_c_stops_every_worker(workdir, corpus_file, tmp_path):
     study = HeldStudy(workdir, corpus_file, tmp_path)
+    assert not sigint_ignored(study.pid)
     os.killpg(study.pid, signal.SIGINT)  # what a terminal sends its foreground job
     study.assert_stopped()
     study.assert_resumes()
