@@ -19,7 +19,6 @@ from model.data import load_corpus
 from model.gpt import GPT
 from model.train import _sync, resolve_device, train
 
-
 # dense bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
 # (the first match wins: longer names before the names they contain)
 PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,

@@ -1,7 +1,9 @@
 """Text generation from a checkpoint: `sample_text` (a GPT continues a prompt), `next_line` (an encoder-decoder
-writes the line that follows a line), and `python -m model.sample`, which does whichever the checkpoint can."""
+writes the line that follows a line), `SampleSpec` (one sample's settings), and `python -m model.sample`, which does
+whichever the checkpoint can."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -9,6 +11,21 @@ import torch
 from model.data import CharTokenizer
 from model.gpt import GPT
 from model.seq2seq import EncoderDecoder
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Every trial's sample uses the same prompt, length, temperature and seed, so samples compare."""
+
+    prompt: str
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int = 200
+    seed: int = 1
+
+    def write(self, model, tokenizer: CharTokenizer) -> str:
+        """The sample these settings give from the model."""
+        return sample_text(model, tokenizer, self.prompt, self.max_new_tokens, self.temperature, self.top_k, self.seed)
 
 
 def sample_text(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int,

@@ -49,8 +49,8 @@ def findings(table: pd.DataFrame | None, imp: pd.Series | None, counts: dict, co
                    f"{loss['tuned']:.4f} (trial {t}), {loss['change_pct']:+.1f}%.")
         if pd.notna(runtime["change_pct"]):
             word = "more" if runtime["change"] > 0 else "less"
-            out.append(f"The tuned configuration trains in {runtime['tuned']:.1f} s against {runtime['baseline']:.1f} s "
-                       f"({abs(runtime['change_pct']):.0f}% {word} time).")
+            out.append(f"The tuned configuration trains in {runtime['tuned']:.1f} s against "
+                       f"{runtime['baseline']:.1f} s ({abs(runtime['change_pct']):.0f}% {word} time).")
     out += time_spent(spent, found=b != t)
     if imp is not None and len(imp):
         top = ", ".join(f"{name} ({share:.0%})" for name, share in imp.head(3).items())

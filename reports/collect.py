@@ -9,11 +9,11 @@ import pandas as pd
 from mlflow import MlflowClient
 from optuna.trial import FrozenTrial
 
+from study.errors import redact
+from study.spool.replay import resolve_run_id
 from study.storage import DEFAULT_JOURNAL, make_storage
 from study.summary import baseline_trial, best_trial, completed_trials, trials_table
-from study.spool_replay import resolve_run_id
-from study.tracking import PARENT_RUN_ATTR, redact
-
+from study.tracking import PARENT_RUN_ATTR
 
 
 class ReportError(ValueError):

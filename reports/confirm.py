@@ -14,7 +14,8 @@ from model.config import TrainConfig
 from model.data import Corpus
 from model.train import train
 from reports.collect import ReportError
-from study.tracking import TrialRun, describe_error
+from study.errors import describe_error
+from study.tracking import TrialRun
 
 
 def trial_config(t: FrozenTrial) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""Throughput of parallel workers: `python study/bench_workers.py` prints trials per hour for 1, 2, ... workers.
+"""Throughput of parallel workers: `python -m study.bench_workers` prints trials per hour for 1, 2, ... workers.
 
 Every trial trains the preset's baseline configuration (the search space is pinned to it), so runs with
 different worker counts do the same work; pruning is off. Each run uses fresh stores in a temp directory.
@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from study.space import PRESETS
+
 RUN_PY = Path(__file__).resolve().parent / "run.py"
 SPACE = """max_iters: {{choices: [{max_iters}]}}
 block_size: {{choices: [{block_size}]}}
@@ -24,9 +26,6 @@ learning_rate: {{choices: [{learning_rate}]}}
 
 def pinned_space(preset: str) -> str:
     """A YAML search space holding only the preset's baseline."""
-    sys.path.insert(0, str(RUN_PY.parent.parent))
-    from study.space import PRESETS
-
     base = PRESETS[preset].baseline
     return SPACE.format(max_iters=base.max_iters, block_size=base.block_size, n_head=base.n_head,
                         n_embd=base.n_embd, dropout=base.dropout, learning_rate=base.learning_rate)

@@ -2,38 +2,24 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import time
 
 import optuna
 import torch
 
 from model.checkpoint import save_checkpoint
-from model.config import TrainConfig
 from model.data import Corpus
-from model.sample import sample_text
 from model.tasks import count_params
 from model.train import resolve_device, train
+from study.errors import describe_error, format_traceback
 from study.recovery import StaleTrialHandler, mark_worker, recover_dead_workers
 from study.registry import register_best_model
+from study.settings import StudySettings
 from study.space import suggest_params
 from study.stopping import Stop
 from study.storage import schedule_point
 from study.summary import completed_trials
-from study.tracking import StudyTracker, code_version, describe_error, format_traceback
-
-OBJECTIVES = {"loss": ("minimize",), "loss-time": ("minimize", "minimize")}
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """Every trial's sample uses the same prompt, length, temperature and seed, so samples compare."""
-
-    prompt: str
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int = 200
-    seed: int = 1
-
+from study.tracking import StudyTracker, code_version
 
 # Every configuration spends its first steps near the same loss (at step 250 of the cpu preset's trials, 2.43 to
 # 2.51 whatever they end at), ranked by how fast it warms up; no trial is judged before five warm-ups are done.
@@ -62,13 +48,29 @@ class ReportToOptuna:
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics['val_loss']:.4f})")
 
 
+class CutAtDeadline:
+    """Training callback: once the study's --timeout has passed, the trial stops at its next step, PRUNED with the
+    step it reached (user attributes `pruned_at_step` and `cut_by_timeout`) and its last eval's val loss: a study
+    ends within its timeout plus one step, and a trial cut short is never recorded as complete."""
+
+    def __init__(self, trial: optuna.Trial, deadline: float | None):
+        self.trial, self.deadline = trial, deadline
+
+    def on_step(self, step: int) -> None:
+        if self.deadline is not None and time.time() >= self.deadline:
+            self.trial.set_user_attr("pruned_at_step", step)
+            self.trial.set_user_attr("cut_by_timeout", True)
+            raise optuna.TrialPruned(f"cut by --timeout at step {step}")
+
+
 class Objective:
-    def __init__(self, space: dict, base: TrainConfig, corpus: Corpus, tracker: StudyTracker,
-                 objective: str, sample: SampleSpec, prune: bool, stale_handler: StaleTrialHandler | None = None,
-                 attrs: dict | None = None, stop: Stop | None = None):
-        self.space, self.base, self.corpus, self.tracker = space, base, corpus, tracker
-        self.objective, self.sample, self.prune = objective, sample, prune
-        self.stale_handler, self.attrs = stale_handler, attrs or {}
+    """suggest -> config -> train (pruned, tracked) -> sample -> value(s), for the study the settings describe."""
+
+    def __init__(self, settings: StudySettings, corpus: Corpus, tracker: StudyTracker,
+                 stale_handler: StaleTrialHandler | None = None, attrs: dict | None = None, stop: Stop | None = None):
+        self.space, self.base, self.corpus, self.tracker = settings.space, settings.base, corpus, tracker
+        self.objective, self.sample, self.prune = settings.objective, settings.sample, settings.pruner != "none"
+        self.stale_handler, self.attrs, self.deadline = stale_handler, attrs or {}, settings.deadline
         self.stop = stop or Stop()  # a flag nothing sets: the trial runs to its end
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -91,7 +93,7 @@ class Objective:
             trial.set_user_attr("config", dataclasses.asdict(config))  # the full config, to re-run it exactly
             judge_from = JUDGED_AFTER_WARMUPS * config.warmup_iters
             reporter = ReportToOptuna(trial, config.max_iters, judge_from, exempt=baseline)  # the "before" runs whole
-            callbacks = [self.stop, run, reporter] if self.prune else [self.stop, run]
+            callbacks = [self.stop, CutAtDeadline(trial, self.deadline), run, *([reporter] if self.prune else [])]
             result = train(config, self.corpus, callbacks)
             return self._finish(trial, run, result)
         except optuna.TrialPruned:
@@ -114,8 +116,7 @@ class Objective:
                 run.stop_system_metrics()
 
     def _finish(self, trial: optuna.Trial, run, result) -> float | tuple[float, float]:
-        text = sample_text(result.model, self.corpus.tokenizer, self.sample.prompt, self.sample.max_new_tokens,
-                           self.sample.temperature, self.sample.top_k, self.sample.seed)
+        text = self.sample.write(result.model, self.corpus.tokenizer)
         run.log_text(text, "sample.txt")
         self.stop.check()  # a trial running when the stop came is failed as interrupted, even this close to its end
         for key, value in result.outcome().items():  # the report reads the outcome record back from here

@@ -7,9 +7,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from study.errors import redact
 from study.space import SEARCHED
 from study.summary import baseline_trial, best_trial, comparison_table
-from study.tracking import redact
 
 SHORT = {"max_iters": "iters", "block_size": "block", "n_head": "heads", "n_embd": "embd",
          "dropout": "dropout", "learning_rate": "lr"}
@@ -24,8 +24,9 @@ def trial_line(t: FrozenTrial) -> str:
     if t.state == TrialState.COMPLETE:
         outcome = f"val {t.values[0]:.4f}" + (f", {t.values[1]:.0f}s" if len(t.values) > 1 else "")
     elif t.state == TrialState.PRUNED:
-        outcome = (f"at step {t.user_attrs.get('pruned_at_step', '?')}, val {t.intermediate_values[t.last_step]:.4f}"
-                   if t.last_step is not None else "")
+        cut = "cut by --timeout " if t.user_attrs.get("cut_by_timeout") else ""
+        outcome = f"{cut}at step {t.user_attrs.get('pruned_at_step', '?')}" + \
+            (f", val {t.intermediate_values[t.last_step]:.4f}" if t.last_step is not None else "")
     else:
         outcome = t.user_attrs.get("fail_reason", "")
     seconds = t.duration.total_seconds() if t.duration else float("nan")
@@ -73,7 +74,8 @@ def print_summary(study: optuna.Study, summary: dict, settings, runs_url: str) -
     ui = f"open {runs_url}" if tracking_uri.startswith("http") else \
         f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}\n                     then open {runs_url}"
     report = f"python reports/generate.py --study-name {shlex.quote(study.study_name)}"
-    for flag, value in (("--storage", settings.shown.get("storage")), ("--tracking-uri", settings.shown.get("tracking_uri"))):
+    shown = settings.shown
+    for flag, value in (("--storage", shown.get("storage")), ("--tracking-uri", shown.get("tracking_uri"))):
         if value:
             report += f" {flag} {shlex.quote(redact(value))}"
     print(f"\nBrowse every trial:  {ui}\nWrite the report:    {report}")

@@ -19,6 +19,10 @@ from model.sample import sample_text
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 OPTIONS = {"max_new_tokens": int, "temperature": float, "top_k": int, "seed": int}  # optional columns and params
+# Characters one request may ask for, all its rows together: a served model answers others while it generates, and
+# one request for millions of characters would hold it for hours (the baby GPT writes about a thousand a second on
+# a CPU core, so the cap is seconds of work).
+MAX_NEW_TOKENS_PER_REQUEST = 10_000
 
 
 class CharGPTModel(mlflow.pyfunc.PythonModel):
@@ -31,9 +35,18 @@ class CharGPTModel(mlflow.pyfunc.PythonModel):
 
         A row's own settings win over the request's params, which default to the study's sample settings.
         """
-        return [self._generate(row, params or {}) for row in model_input.to_dict("records")]
+        rows = [(row, self._options(row, params or {})) for row in model_input.to_dict("records")]
+        asked = sum(opts["max_new_tokens"] for _, opts in rows)
+        if asked > MAX_NEW_TOKENS_PER_REQUEST:  # MlflowException: the scoring server answers 400 with this message
+            raise MlflowException.invalid_parameter_value(
+                f"max_new_tokens: this request asks for {asked} characters; a request may ask for at most "
+                f"{MAX_NEW_TOKENS_PER_REQUEST} (all its rows together)")
+        return [sample_text(self.model, self.tokenizer, row["prompt"], opts["max_new_tokens"], opts["temperature"],
+                            opts["top_k"] or None, opts["seed"])  # top_k 0: all characters, as in model/sample.py
+                for row, opts in rows]
 
-    def _generate(self, row: dict, params: dict) -> str:
+    def _options(self, row: dict, params: dict) -> dict:
+        """The row's checked prompt and generation settings."""
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise MlflowException.invalid_parameter_value(f"prompt must be a non-empty string, got {prompt!r}")
@@ -45,8 +58,7 @@ class CharGPTModel(mlflow.pyfunc.PythonModel):
         if min(opts.values()) < 0:
             raise MlflowException.invalid_parameter_value(
                 f"max_new_tokens, temperature, top_k and seed must be >= 0, got {opts}")
-        return sample_text(self.model, self.tokenizer, prompt, opts["max_new_tokens"], opts["temperature"],
-                           opts["top_k"] or None, opts["seed"])  # top_k 0: all characters, as in model/sample.py
+        return opts
 
 
 def _option(row: dict, params: dict, name: str, cast):

@@ -8,6 +8,8 @@ import psutil
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from study.errors import WORKER_DIED
+
 HOST_ATTR, PID_ATTR, STARTED_ATTR = "worker_host", "worker_pid", "worker_started"
 STALE_ATTR = "stale"  # set on a trial failed because its worker died; re-queued under a new number
 
@@ -38,11 +40,10 @@ class StaleTrialHandler:
         self.tracker = None  # set once the MLflow side is open
         self.max_retry = max_retry
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    def __call__(self, study: optuna.Study, trial: FrozenTrial, reason: str = WORKER_DIED) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if self.tracker is not None and run_id:
-            self.tracker.close_run(run_id, state="FAIL", reason="worker process died during the trial",
-                                   status="KILLED")
+            self.tracker.close_run(run_id, state="FAIL", reason=reason, status="KILLED")
         retries = trial.user_attrs.get("retries", 0) + 1
         if retries <= self.max_retry:
             attrs = {"retry_of": trial.number, "retries": retries}
@@ -51,18 +52,21 @@ class StaleTrialHandler:
             study.enqueue_trial(trial.params, user_attrs=attrs)
 
 
+def fail_and_requeue(study: optuna.Study, handler: StaleTrialHandler, trial: FrozenTrial, reason: str) -> bool:
+    """Fail a RUNNING trial whose process is gone, close its MLflow run KILLED and re-queue its parameters; False
+    when another process did so first."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, STALE_ATTR, True)
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+    handler(study, storage.get_trial(trial._trial_id), reason)
+    return True
+
+
 def recover_dead_workers(study: optuna.Study, handler: StaleTrialHandler) -> list[int]:
     """Fail every RUNNING trial whose worker process on this host is gone; returns their numbers."""
-    storage, recovered = study._storage, []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if worker_alive(t.user_attrs) is not False:
-            continue
-        try:
-            storage.set_trial_user_attr(t._trial_id, STALE_ATTR, True)
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", "worker process died during the trial")
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            continue  # another worker recovered it first
-        handler(study, storage.get_trial(t._trial_id))
-        recovered.append(t.number)
-    return recovered
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if worker_alive(t.user_attrs) is False and fail_and_requeue(study, handler, t, WORKER_DIED)]

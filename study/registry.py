@@ -4,7 +4,7 @@ Each trial that improves on the best so far logs its checkpoint as an MLflow mod
 the study's name; the alias `best` moves to it unless a better version holds it (workers finish out of order).
 At the end of the study `settle_best_model` points the alias at the best trial that saved a checkpoint.
 Everything goes through MlflowClient with explicit ids: no global tracking URI, no active run. While the tracking
-server is away both are spooled (study/spool.py) and run when the spool is replayed.
+server is away both are spooled (study/spool/) and run when the spool is replayed.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlflow
 import pandas as pd
@@ -25,11 +24,9 @@ from mlflow.types.schema import AnyType
 
 from model.checkpoint import CHECKPOINT_FILE
 from model.data import PROJECT_ROOT
-from study.spool_replay import is_outage
-from study.tracking import StudyTracker, describe_error
-
-if TYPE_CHECKING:  # study.objective imports this module
-    from study.objective import SampleSpec
+from model.sample import SampleSpec
+from study.errors import describe_error, is_outage
+from study.tracking import StudyTracker
 
 ALIAS = "best"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -82,8 +79,6 @@ def register_best_model(tracker: StudyTracker, run_id: str, trial_number: int, b
 def register_version(client: MlflowClient, study_name: str, run_id: str, trial_number: int, best_val_loss: float,
                      sample: dict) -> str | None:
     """register_best_model's work, now or at the spool's replay; returns the model version."""
-    from study.objective import SampleSpec  # study.objective imports this module
-
     tags = {"trial_number": str(trial_number), "best_val_loss": repr(best_val_loss), "study_name": study_name}
     try:
         model_id = log_model(client, run_id, SampleSpec(**sample), tags)

@@ -6,18 +6,36 @@ in: it opens what the set-up made and creates nothing.
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import asdict
 
 import optuna
 from optuna.distributions import distribution_to_json
 
-from model.data import Corpus
-from study.objective import OBJECTIVES
+from model.config import ConfigError
+from model.data import Corpus, DataError
+from study.errors import RayError
+from study.options import OBJECTIVES
 from study.recovery import StaleTrialHandler, recover_dead_workers
 from study.settings import StudySettings
-from study.space import PRESETS
+from study.space import PRESETS, SpaceError
 from study.storage import StorageError, make_pruner, make_sampler, make_storage, setup_lock
-from study.tracking import StudyTracker
+from study.tracking import StudyTracker, TrackingError
+
+# What setting a study up may raise, each a one-line message naming the input: nothing has run then.
+SETUP_ERRORS = (ConfigError, DataError, SpaceError, StorageError, TrackingError, RayError)
+
+
+def configure_libraries() -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours to print
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the study prints its runs page once
+    # A write to a tracking server that is away fails in seconds (MLflow's defaults retry for minutes) and is
+    # spooled; the timeout is per socket operation, so large uploads still go through.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def create_stores(s: StudySettings, corpus: Corpus, handler: StaleTrialHandler) -> tuple[optuna.Study, StudyTracker]:

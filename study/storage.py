@@ -15,7 +15,7 @@ import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
-from study.tracking import first_line, redact
+from study.errors import first_line, redact
 
 DEFAULT_JOURNAL = "optuna.journal"
 SAMPLERS = ("tpe", "random", "gp", "cmaes")
@@ -150,8 +150,8 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     Successive halving (asha) keeps the best quarter of the trials at 1/16 and at 1/4 of their schedules (a trial's
     first eval at or past the point), and past 1/4 only a trial among the two best there: a pruned trial has cost a
     sixteenth of its length, or a quarter, and the last three quarters go to trials that may end as the best. Optuna's
-    rule is asynchronous: while fewer than four trials have reached a point, only the best of them goes on. Hyperband runs successive
-    halving (a third kept) in two brackets, one judging from 1/8 and one from 3/8 of the schedule.
+    rule is asynchronous: while fewer than four trials have reached a point, only the best of them goes on. Hyperband
+    runs successive halving (a third kept) in two brackets, one judging from 1/8 and one from 3/8 of the schedule.
     """
     if name == "asha":
         return HalvingToFinalists(min_resource=SCHEDULE_POINTS // 16, reduction_factor=4, rungs=2, finalists=2)

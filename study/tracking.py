@@ -4,13 +4,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import time
-import traceback
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -19,8 +15,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from model.data import PROJECT_ROOT
+from study.errors import describe_error, health_error, is_outage, now_ms, redact
 from study.spool import SpoolingClient
-from study.spool_replay import is_outage
 
 PARENT_RUN_ATTR, EXPERIMENT_ATTR = "mlflow_parent_run_id", "mlflow_experiment_id"
 CURVE_METRICS = ("train_loss", "val_loss", "lr", "tokens_per_s")
@@ -43,24 +39,13 @@ class TrackingError(ValueError):
 def check_tracking(uri: str) -> None:
     """Reach a tracking server (or the sqlite file's directory) before anything is created."""
     if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
-        except OSError as exc:
-            raise TrackingError(f"--tracking-uri {redact(uri)}: MLflow server unreachable ({exc})") from None
+        exc = health_error(uri, timeout=10)
+        if exc is not None:
+            raise TrackingError(f"--tracking-uri {redact(uri)}: MLflow server unreachable ({exc})")
     elif uri.startswith("sqlite:///"):
         directory = Path(uri.removeprefix("sqlite:///")).parent
         if not directory.is_dir():
             raise TrackingError(f"--tracking-uri {uri}: directory {directory} does not exist")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, for logs, params and reports."""
-    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
 
 
 @functools.cache
@@ -76,10 +61,6 @@ def code_version() -> str:
         return "unknown"
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class _ClientMetricsLogger:
     """Stands in for MLflow's BatchMetricsLogger inside the monitor: each sample is one log_batch of our client."""
 
@@ -88,7 +69,7 @@ class _ClientMetricsLogger:
         self.data: list = []  # the monitor reports how many metrics wait here: none do
 
     def record_metrics(self, metrics: dict[str, float], step: int) -> None:
-        ts = _now_ms()
+        ts = now_ms()
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
     def flush(self) -> None:
@@ -155,12 +136,12 @@ class TrialRun:
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.history.append({"step": step, **metrics})
-        ts = _now_ms()
+        ts = now_ms()
         self.client.log_batch(self.run_id, metrics=[Metric(k, metrics[k], ts, step) for k in CURVE_METRICS])
 
     def on_train_end(self, result) -> None:
         """The rest of the outcome record; val_loss, train_loss and tokens_per_s end their curves already."""
-        ts = _now_ms()
+        ts = now_ms()
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, result.iters)
                                                     for k, v in result.outcome().items() if k not in CURVE_METRICS])
 
@@ -268,7 +249,7 @@ class StudyTracker:
         """End the parent run with the study summary and the best trial's checkpoint."""
         pid = self.parent_run_id
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
-        self.client.log_batch(pid, metrics=[Metric(k, float(v), _now_ms(), summary["n_trials"])
+        self.client.log_batch(pid, metrics=[Metric(k, float(v), now_ms(), summary["n_trials"])
                                             for k, v in numbers.items()],
                               tags=[RunTag(f"best.{k}", str(v)) for k, v in summary.get("best_params", {}).items()])
         self.client.log_dict(pid, summary, "study_summary.json")
@@ -302,13 +283,3 @@ def copy_checkpoint(client: MlflowClient, from_run_id: str, to_run_id: str) -> N
             # the summary still stands without the checkpoint
             print(f"warning: best trial's checkpoint not copied to the study run ({describe_error(exc)})",
                   file=sys.stderr)
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for a trial's failure_reason tag and the console."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def format_traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))

@@ -7,7 +7,6 @@ trials are left.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -21,32 +20,16 @@ import optuna
 import torch
 
 from model.cli import fail
-from model.config import ConfigError
-from model.data import DataError
 from study.objective import Objective, release_gpu_memory
 from study.progress import Progress
 from study.recovery import StaleTrialHandler, recover_dead_workers
 from study.settings import StudySettings, usable_cores
-from study.setup import join_stores
-from study.space import SpaceError
+from study.setup import SETUP_ERRORS, configure_libraries, join_stores
 from study.stopping import STOP_GRACE_S, Stop, die_with_parent, stop_on_signals
-from study.storage import StorageError
-from study.tracking import StudyTracker, TrackingError
+from study.tracking import StudyTracker
 
 MAX_RESPAWNS = 2
-SETUP_ERRORS = (ConfigError, DataError, SpaceError, StorageError, TrackingError)
 INTERRUPTED = 130
-
-
-def configure_libraries() -> None:
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is ours to print
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the study prints its runs page once
-    # A write to a tracking server that is away fails in seconds (MLflow's defaults retry for minutes) and is
-    # spooled; the timeout is per socket operation, so large uploads still go through.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 class TrialPool:
@@ -75,22 +58,21 @@ class TrialPool:
             study.stop()
 
 
-def run_trials(s: StudySettings, corpus, study: optuna.Study, tracker: StudyTracker, handler: StaleTrialHandler,
-               trials: int, stop: Stop, worker_index: int | None = None, launch_id: str | None = None,
-               pool: TrialPool | None = None) -> bool:
-    """This process's trials: `trials` of them, or as many as it draws from a launch's pool; False when stopped."""
-    attrs = {} if worker_index is None else {"worker_index": worker_index, "launch_id": launch_id}
-    objective = Objective(s.space, s.base, corpus, tracker, s.objective, s.sample, s.pruner != "none", handler, attrs,
-                          stop)
-    progress = Progress(trials, bar=worker_index is None,
-                        prefix="" if worker_index is None else f"[worker {worker_index}] ")
+def run_trials(s: StudySettings, corpus, study: optuna.Study, tracker: StudyTracker, handler: StaleTrialHandler | None,
+               stop: Stop, attrs: dict | None = None, pool: TrialPool | None = None, label: str | None = None) -> bool:
+    """This process's trials: the settings' number of them, or as many as it draws from a launch's pool; False when
+    stopped. attrs go on each trial; a label (a worker's) replaces the progress bar by labelled lines."""
+    objective = Objective(s, corpus, tracker, handler, attrs, stop)
+    trials = s.trials
+    progress = Progress(trials, bar=label is None, prefix="" if label is None else f"[{label}] ")
     if stop.requested:
         return False
     if pool is not None and not pool.draw():
         return True
     try:
         # the stop callback comes before the pool's: a stopped worker draws nothing more
-        study.optimize(objective, n_trials=None if pool else trials, timeout=s.timeout, catch=(Exception,),
+        timeout = None if s.deadline is None else max(0.0, s.deadline - time.time())
+        study.optimize(objective, n_trials=None if pool else trials, timeout=timeout, catch=(Exception,),
                        callbacks=[release_gpu_memory, progress, stop, *([pool] if pool else [])], gc_after_trial=True)
     except KeyboardInterrupt:  # StudyStopped, or Ctrl-C where no handler could be installed (not the main thread)
         return False
@@ -114,7 +96,8 @@ def worker_main(s: StudySettings, index: int, pool: TrialPool, launch_id: str, t
         except SETUP_ERRORS as exc:
             fail(f"worker {index}: {exc}", "python study/run.py")
         try:
-            done = run_trials(s, corpus, study, tracker, handler, s.trials, stop, index, launch_id, pool)
+            done = run_trials(s, corpus, study, tracker, handler, stop, {"worker_index": index, "launch_id": launch_id},
+                              pool, label=f"worker {index}")
         finally:
             tracker.client.close()
     sys.exit(0 if done else INTERRUPTED)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-pytest.register_assert_rewrite("study_helpers")  # its assert helpers explain their failures as tests' asserts do
-
 from model.config import TrainConfig
 from model.data import load_corpus
+
+pytest.register_assert_rewrite("study_helpers")  # its assert helpers explain their failures as tests' asserts do
 
 VERSE = """First Citizen:
 Before we proceed any further, hear me speak.

@@ -8,9 +8,9 @@ import pytest
 from model.config import ConfigError
 from model.train import OUTCOME
 from reports.generate import generate_report, load_trials
-from study import run as study_run
+from study.options import parse_options
 from study.run import run_study
-from study.settings import settings_from_args
+from study.settings import settings_from_options
 
 
 def test_a_notebook_runs_a_study_loads_its_trials_and_writes_its_report(workdir, corpus_file):
@@ -48,10 +48,10 @@ def test_a_missing_study_raises_a_clear_error(workdir):
 
 def test_workers_receive_the_settings_object_the_launcher_checked(corpus_file):
     """A launched worker gets the checked settings themselves (spawn pickles them), not flags to parse again."""
-    args = study_run.parse_args(["--trials", "7", "--preset", "smoke", "--no-compile", "--weight-decay", "0.05",
+    args = parse_options(["--trials", "7", "--preset", "smoke", "--no-compile", "--weight-decay", "0.05",
                                  "--batch-size", "4", "--sample-prompt", "A B", "--storage", "sqlite:///x.db",
                                  "--timeout", "2.5", "--data", corpus_file, "--tracking-uri", "sqlite:///m.db"])
-    settings, corpus = settings_from_args(args)
+    settings, corpus = settings_from_options(args)
     received = pickle.loads(pickle.dumps(settings))
     assert received == settings
     assert (received.base.weight_decay, received.base.batch_size, received.base.compile) == (0.05, 4, False)

@@ -81,6 +81,7 @@ def test_bad_training_input_exits_2_with_one_line(tmp_path, capsys, content, fla
 
 def test_prompt_outside_the_vocabulary_lists_the_characters(corpus, tmp_path, capsys):
     from conftest import tiny_config
+
     from model.checkpoint import save_checkpoint
 
     result = train_cli.train(tiny_config(max_iters=2), corpus)

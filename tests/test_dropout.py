@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import GPTConfig
 from model.blocks import attention
+from model.config import GPTConfig
 from model.dropout import LEVELS, Dropout, drop_levels, dropout
 from model.gpt import GPT
 

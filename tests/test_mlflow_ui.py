@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 def headless_chromium():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000"):
         options.add_argument(arg)  # --no-sandbox: CI runs as root
     browser = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:

@@ -13,13 +13,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from conftest import VERSE
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
-from conftest import VERSE
+from model.sample import SampleSpec
 from study import registry
-from study.objective import SampleSpec
 from study.registry import settle_best_model
 from study.summary import study_summary
 from study.tracking import StudyTracker
@@ -99,6 +99,13 @@ def test_mlflow_models_serve_answers_invocations_with_generated_text(study_dir, 
         with pytest.raises(urllib.error.HTTPError) as bad:
             _post(url, {"dataframe_records": [{"prompt": "ROMEO: #"}]})
         assert bad.value.code == 400 and "outside the model's vocabulary: '#'" in bad.value.read().decode()
+        cap = 10_000  # study/pyfunc_model.py's MAX_NEW_TOKENS_PER_REQUEST (importing it would set a model)
+        greedy = {"dataframe_records": [{"prompt": "ROMEO:", "max_new_tokens": cap},
+                                        {"prompt": "All:", "max_new_tokens": 1}]}
+        with pytest.raises(urllib.error.HTTPError) as too_long:  # refused at once, nothing generated
+            _post(url, greedy)
+        assert too_long.value.code == 400
+        assert f"a request may ask for at most {cap} (all its rows together)" in too_long.value.read().decode()
     finally:
         _kill_group(proc)
         log.close()

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import matplotlib.image
 import pandas as pd
 import pytest
+from conftest import VERSE
 from mlflow import MlflowClient
 
-from conftest import VERSE
 from model.train import OUTCOME
 from reports import generate
 from study.summary import PAUSE_S, wall_seconds

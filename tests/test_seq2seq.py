@@ -8,14 +8,13 @@ import pytest
 import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-
-from model.config import GPTConfig
-from model.data import DataError, load_corpus
-from model.config import TrainConfig
-from model.tasks import NextLines
-from model.seq2seq import SPECIALS, EncoderDecoder, special_ids
-from study_helpers import run_study
 from test_cli import TINY, run_module
+
+from model.config import GPTConfig, TrainConfig
+from model.data import DataError, load_corpus
+from model.seq2seq import SPECIALS, EncoderDecoder, special_ids
+from model.tasks import NextLines
+from study_helpers import run_study
 
 CHARS = 6
 VOCAB = CHARS + len(SPECIALS)

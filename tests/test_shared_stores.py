@@ -15,9 +15,22 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from study.storage import APPLICATION_NAME, POOL_OVERFLOW, POOL_SIZE, make_storage, setup_lock
-from study_helpers import (POSTGRES, PostgresServer, assert_counts_match, child_runs, connections_by_process,
-                           env_without_tracking, fresh_postgres_database, holding, needs_postgres, parent_runs,
-                           rdb_storage, start_mlflow_server, study_cmd, wait_for_held_trials)
+from study_helpers import (
+    POSTGRES,
+    PostgresServer,
+    assert_counts_match,
+    child_runs,
+    connections_by_process,
+    env_without_tracking,
+    fresh_postgres_database,
+    holding,
+    needs_postgres,
+    parent_runs,
+    rdb_storage,
+    start_mlflow_server,
+    study_cmd,
+    wait_for_held_trials,
+)
 
 WAITING = "waiting for another process setting up a study"
 

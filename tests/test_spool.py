@@ -12,9 +12,10 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from model.data import PROJECT_ROOT
-from study import spool, sync
-from study.spool import SpoolingClient
-from study.spool_replay import DIED, resolve_run_id
+from study.errors import WORKER_DIED as DIED
+from study.spool import SpoolingClient, sync
+from study.spool import client as spool
+from study.spool.replay import resolve_run_id
 from study.tracking import TrialRun
 from study_helpers import SYSTEM_METRICS, MlflowServer, child_runs, load_study, parent_runs, run_study
 
@@ -130,6 +131,7 @@ def spool_a_run(url: str, spool_dir, experiment_id: str, steps: int) -> str:
     return run
 
 
+@pytest.mark.slow  # its replay logic runs serverless in test_spool_offline.py
 def test_a_replay_interrupted_half_way_resumes_without_duplicate_points(workdir, server, monkeypatch, capsys):
     monkeypatch.setattr(spool, "PROBE_INTERVAL_S", 1e9)
     experiment_id = MlflowClient(server.url).create_experiment("interrupted")
@@ -155,11 +157,12 @@ def test_a_replay_interrupted_half_way_resumes_without_duplicate_points(workdir,
     assert not list((workdir / "mlflow-spool").iterdir())
 
 
+@pytest.mark.slow  # its replay logic runs serverless in test_spool_offline.py
 def test_a_run_whose_writer_died_is_replayed_and_ended_killed(workdir, server):
     experiment_id = MlflowClient(server.url).create_experiment("abandoned")
     script = (f"import os, sys; sys.path.insert(0, {str(PROJECT_ROOT)!r})\n"
               "from mlflow.entities import Metric\n"
-              "from study import spool\n"
+              "from study.spool import client as spool\n"
               "spool.PROBE_INTERVAL_S = 1e9\n"
               f"client = spool.SpoolingClient({server.url!r}, 'mlflow-spool', offline=True)\n"
               f"run = client.create_run_id({experiment_id!r}, 'trial-000', {{'optuna_state': 'RUNNING'}})\n"

@@ -16,8 +16,15 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from study_helpers import (child_runs, env_without_tracking, holding, load_study, parent_runs, study_cmd,
-                           wait_for_held_trials)
+from study_helpers import (
+    child_runs,
+    env_without_tracking,
+    holding,
+    load_study,
+    parent_runs,
+    study_cmd,
+    wait_for_held_trials,
+)
 
 TRIALS, WORKERS = 4, 2  # two trials held in training, two left that no worker may start after the signal
 

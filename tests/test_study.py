@@ -1,13 +1,25 @@
 """The study runner end to end on the smoke preset: Optuna trials, MLflow runs, pruning, resume, failures."""
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from study import run as study_run
+from study.options import parse_options
 from study.space import PRESETS, SEARCHED
-from study_helpers import SYSTEM_METRICS, child_runs, load_study, parent_runs, run_study, system_metrics_monitors
+from study_helpers import (
+    SYSTEM_METRICS,
+    child_runs,
+    env_without_tracking,
+    holding,
+    load_study,
+    parent_runs,
+    run_study,
+    study_cmd,
+    system_metrics_monitors,
+)
 
 
 def test_four_trials_leave_four_optuna_trials_and_four_child_runs(workdir, corpus_file):
@@ -134,7 +146,7 @@ def test_loss_time_study_has_two_objectives_and_a_pareto_front(workdir, corpus_f
 
 def test_help_names_every_preset_and_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        study_run.parse_args(["--help"])
+        parse_options(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "{gpu,cpu,smoke}" in out and "--n-layer" in out and "--workers" in out
@@ -162,3 +174,18 @@ def test_a_study_pruned_on_the_earlier_rungs_resumes_with_another_pruner_but_not
     assert len(err.splitlines()) == 1 and "pruned at 1/8 and 1/2 of the schedules by an earlier version" in err
     assert run_study("--trials", "1", "--data", corpus_file, "--pruner", "median") == 0
     assert len(load_study(workdir).trials) == 2
+
+
+def test_timeout_cuts_the_running_trial_at_its_next_step_and_records_it_pruned(workdir, corpus_file, tmp_path):
+    """The held trial would train until released: the deadline, not the trial's end, finishes the study."""
+    env = holding(env_without_tracking(), tmp_path / "hold", trials=1)
+    proc = subprocess.run(study_cmd(corpus_file, "--trials", "3", "--timeout", "3"), cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (trial,) = load_study(workdir).trials  # no trial starts after the deadline
+    assert trial.state == TrialState.PRUNED and trial.user_attrs["cut_by_timeout"]
+    assert "cut by --timeout at step" in proc.stdout
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (run,) = child_runs(client, "smoke-verse")
+    assert run.info.status == "FINISHED" and run.data.tags["optuna_state"] == "PRUNED"
+    assert [p.info.status for p in parent_runs(client, "smoke-verse")] == ["FINISHED"]

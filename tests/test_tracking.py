@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
+from conftest import tiny_config
 from mlflow import MlflowClient
 
-from conftest import tiny_config
 from study.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, StudyTracker
 from study_helpers import SYSTEM_METRICS, system_metrics_monitors
 

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.sample import sample_text
 from model.train import TrainingDiverged, lr_at, train

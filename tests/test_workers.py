@@ -14,9 +14,23 @@ from optuna.trial import TrialState
 
 from model.config import TrainConfig
 from study.recovery import STALE_ATTR
-from study_helpers import (POSTGRES, assert_counts_match, child_runs, env_without_tracking, fresh_postgres_database,
-                           holding, load_study, needs_postgres, parent_runs, rdb_storage, run_study,
-                           start_mlflow_server, study_cmd, wait_for_held_trials)
+from study_helpers import (
+    POSTGRES,
+    assert_counts_match,
+    child_runs,
+    env_without_tracking,
+    fresh_postgres_database,
+    holding,
+    load_study,
+    needs_postgres,
+    parent_runs,
+    rdb_storage,
+    run_study,
+    start_mlflow_server,
+    study_cmd,
+    wait_for_held_trials,
+)
+
 
 def test_two_workers_share_one_journal_study(workdir, corpus_file):
     assert run_study("--trials", "5", "--workers", "2", "--data", corpus_file, "--pruner", "none") == 0
@@ -171,14 +185,14 @@ def test_heartbeat_stale_trial_is_closed_in_mlflow_and_requeued(workdir, corpus_
 
 def test_trials_per_gpu_places_k_workers_on_each_gpu(monkeypatch):
     """On a (simulated) 4-GPU machine: K workers per GPU, round-robin; --device cuda:N keeps them all on GPU N."""
-    from study import run as study_run
+    from study.options import parse_options
     from study.settings import worker_count
     from study.workers import worker_env
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    args = study_run.parse_args(["--trials-per-gpu", "2"])
+    args = parse_options(["--trials-per-gpu", "2"])
     assert worker_count(args, TrainConfig(device="auto")) == 8
     assert worker_count(args, TrainConfig(device="cuda:1")) == 2
     assert [worker_env(i, threads=2)["CUDA_VISIBLE_DEVICES"] for i in range(8)] == list("01230123")
@@ -216,12 +230,12 @@ def test_a_trial_whose_worker_is_still_being_recorded_is_never_taken_for_a_dead_
 ])
 def test_the_cpu_preset_starts_a_worker_per_core_unless_told(workdir, corpus_file, monkeypatch, flags, cores,
                                                                expected):
-    from study import run as study_run
-    from study.settings import settings_from_args
+    from study.options import parse_options
+    from study.settings import settings_from_options
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    args = study_run.parse_args(["--preset", "cpu", "--device", "cpu", "--data", corpus_file, *flags])
-    settings, _ = settings_from_args(args)
+    args = parse_options(["--preset", "cpu", "--device", "cpu", "--data", corpus_file, *flags])
+    settings, _ = settings_from_options(args)
     assert settings.workers == expected
 
 

@@ -6,29 +6,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
-from study.spool_files import RunSpool, SpoolError, is_spool_id, read_meta, run_dirs
+from study.errors import WORKER_DIED, describe_error, is_outage
+from study.spool.files import RunSpool, SpoolError, is_spool_id, read_meta, run_dirs
 
 SPOOL_ID_TAG = "spool_id"  # on a run created by a replay: the local id the study knew it by
-DIED = "worker process died during the trial"
-
-
-def is_outage(exc: BaseException) -> bool:
-    """The server away (refused, timed out, 5xx), as opposed to a request it refused (4xx) or a local error."""
-    if isinstance(exc, requests.HTTPError):  # artifact uploads raise these
-        return exc.response is None or exc.response.status_code >= 500
-    if isinstance(exc, OSError):  # requests' ConnectionError and Timeout too
-        return True
-    if isinstance(exc, MlflowException):
-        # MLflow wraps transport failures as "API request to ... failed"; an in-process MlflowException is 500 too
-        from_server = isinstance(exc, RestException) or str(exc.message).startswith("API request to")
-        return from_server and exc.get_http_status_code() >= 500
-    return False
 
 
 def resolve_run_id(client: MlflowClient, experiment_id: str | None, ref: str) -> str | None:
@@ -144,13 +129,13 @@ def replay_run(client: MlflowClient, spool: RunSpool, root: Path, writer_alive: 
             if is_outage(exc):
                 raise
             # a write the server refuses (the run deleted meanwhile, say) would block the spool for good
-            log(f"tracking: write {i + 1} of spooled run {spool.ref} not replayed ({type(exc).__name__}: "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})", file=sys.stderr)
+            log(f"tracking: write {i + 1} of spooled run {spool.ref} not replayed ({describe_error(exc)})",
+                file=sys.stderr)
         i += n
         spool.save_progress(i, run_id)
     if meta["ends_run"] and not writer_alive and not any(op["op"] == "set_terminated" for op in ops):
         # its writer died before ending the run, as a dead worker's trial: end it as recovery does
-        client.log_batch(target(), tags=[RunTag("optuna_state", "FAIL"), RunTag("failure_reason", DIED)])
+        client.log_batch(target(), tags=[RunTag("optuna_state", "FAIL"), RunTag("failure_reason", WORKER_DIED)])
         client.set_terminated(target(), "KILLED")
     return run_id
 

@@ -2,24 +2,23 @@
 
 As W&B's offline mode and `wandb sync`: a trial never waits on the tracking server. Each write of a run goes
 either to MLflow or, from the first one that finds the server away until a replay catches up, to that run's
-spool directory (study/spool_files.py), in order. Replays (study/spool_replay.py) run when a probe of the server's
+spool directory (files.py), in order. Replays (replay.py) run when a probe of the server's
 /health answers, at the study's next run, and by `python study/sync.py`.
 """
 from __future__ import annotations
 
-import re
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from mlflow import MlflowClient
 
-from study.spool_files import SPOOL_PREFIX, RunSpool, is_spool_id, spool_root
-from study.spool_replay import Deferred, is_outage, replay_root, resolve_or_defer
+from study.errors import health_error, is_outage, now_ms, redact, transport_gist
+from study.spool.files import SPOOL_PREFIX, RunSpool, is_spool_id, spool_root
+from study.spool.replay import Deferred, replay_root, resolve_or_defer
 
 # While behind, writes probe the server at most this often (seconds); each probe waits PROBE_TIMEOUT_S at most.
 PROBE_INTERVAL_S = 10.0
@@ -27,31 +26,7 @@ PROBE_TIMEOUT_S = 3.0
 
 
 def server_up(tracking_uri: str) -> bool:
-    try:
-        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
-
-
-def _why(exc: BaseException) -> str:
-    """The gist of a transport error (MLflow's wrapping of urllib3's is a paragraph)."""
-    text = str(exc)
-    errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
-    if errno:
-        return errno.group(0)
-    if "timeout" in text.lower() or "timed out" in text.lower():
-        return "timed out"
-    return text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _redact(url: str) -> str:
-    from study.tracking import redact  # study.tracking imports this module
-    return redact(url)
+    return health_error(tracking_uri, PROBE_TIMEOUT_S) is None
 
 
 class SpoolingClient:
@@ -80,7 +55,7 @@ class SpoolingClient:
     # writes
     def create_run_id(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
         """A new run's id: MLflow's, or a local `spool-...` id while the server is away."""
-        start = _now_ms()
+        start = now_ms()
         op = {"op": "create_run", "experiment_id": experiment_id, "run_name": run_name, "tags": tags,
               "start_time": start}
         with self._lock:
@@ -113,7 +88,7 @@ class SpoolingClient:
         self._write(run_id, op, lambda rid: self.mlflow.log_artifacts(rid, local_dir, artifact_path), files=local_dir)
 
     def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
-        op = {"op": "set_terminated", "status": status, "end_time": end_time or _now_ms()}
+        op = {"op": "set_terminated", "status": status, "end_time": end_time or now_ms()}
         with self._lock:
             self._write(run_id, op, lambda rid: self.mlflow.set_terminated(rid, status, op["end_time"]))
             self._running.discard(run_id)
@@ -153,8 +128,13 @@ class SpoolingClient:
             if result.replayed:
                 behind = f"; {self.behind()} still spooled in {self.root}" if self._own else ""
                 print(f"tracking: {'caught up, ' if not self._own else ''}{len(result.replayed)} runs replayed to "
-                      f"{_redact(self.tracking_uri)}{behind}", file=sys.stderr, flush=True)
+                      f"{redact(self.tracking_uri)}{behind}", file=sys.stderr, flush=True)
             return len(result.replayed)
+
+    def pending_dirs(self) -> list[Path]:
+        """The spool directories this process wrote that are not replayed yet (after close(), none is held)."""
+        with self._lock:
+            return [path for path in self._own if path.exists()]
 
     def behind(self) -> int:
         """Runs this process has spooled and not replayed."""
@@ -218,6 +198,6 @@ class SpoolingClient:
         self._last_probe = time.monotonic()
         if not self.offline:
             self.offline = True
-            print(f"tracking: MLflow server at {_redact(self.tracking_uri)} unreachable ({_why(exc)}); "
+            print(f"tracking: MLflow server at {redact(self.tracking_uri)} unreachable ({transport_gist(exc)}); "
                   f"spooling to {self.root}, replayed when it is back", file=sys.stderr, flush=True)
 
