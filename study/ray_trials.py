@@ -112,6 +112,8 @@ def trial_task(s: StudySettings, index: int, launch_id: str, flag) -> dict:
     if key not in _joined:
         _joined[key] = (s.load_corpus(), *join_stores(s, StaleTrialHandler(), index))
     corpus, study, tracker = _joined[key]
+    if ray.get(flag.is_set.remote()):  # stopped while this task waited for its node: draw no trial
+        return {"done": False, "spool": None}
     stop = Stop()
     threading.Thread(target=_watch, args=(flag, stop), daemon=True).start()
     attrs = {"worker_index": index, "launch_id": launch_id, NODE_ATTR: ctx.get_node_id(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import optuna
@@ -73,6 +74,7 @@ def worker_node_ids(cluster) -> set[str]:
     return {n.node_id for n in cluster.worker_nodes}
 
 
+@pytest.mark.slow  # the default run's node-loss study runs its trials through the cluster too
 @needs_postgres
 def test_a_study_runs_each_trial_as_a_task_on_the_worker_nodes(cluster, tmp_path, corpus_file):
     url, work = fresh_postgres_database(POSTGRES), tmp_path / "work"
@@ -115,14 +117,17 @@ def test_a_node_lost_mid_trial_fails_its_trial_naming_the_node_and_the_study_goe
     assert lost.user_attrs["fail_reason"] == f"Ray node {node.node_id} died during the trial"
     (retried,) = [t for t in trials if t.user_attrs.get("retry_of") == held.number]
     assert retried.state == TrialState.COMPLETE and retried.params == lost.params
-    print(f"lost trial re-queued {retried.datetime_start.timestamp() - lost_at:.1f} s after its node was removed")
+    print(f"lost trial failed and re-queued {lost.datetime_complete.timestamp() - lost_at:.1f} s after its node was "
+          f"removed; its retry started after {retried.datetime_start.timestamp() - lost_at:.1f} s")
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 3  # exactly --trials, the retry among them
+    assert {t.user_attrs[NODE_ATTR] for t in trials} <= worker_node_ids(cluster) | {node.node_id}  # not the head
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     run = client.get_run(lost.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == lost.user_attrs["fail_reason"]
 
 
+@pytest.mark.slow  # the stop's logic is the local study's (test_stopping.py); this is its Ray channel
 @needs_postgres
 def test_sigterm_to_the_driver_stops_every_task(cluster, hold_dir, tmp_path, corpus_file):
     url, work = fresh_postgres_database(POSTGRES), tmp_path / "work"
@@ -130,13 +135,15 @@ def test_sigterm_to_the_driver_stops_every_task(cluster, hold_dir, tmp_path, cor
     hold_next_trial(hold_dir)
     proc = subprocess.Popen(ray_study(corpus_file, cluster.address, url, "--trials", "3"), cwd=work,
                             env=env_without_tracking(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_held_trials(hold_dir, 1, alive=lambda: proc.poll() is None)
+    (pid,) = wait_for_held_trials(hold_dir, 1, alive=lambda: proc.poll() is None)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 130, out
     trials = load(url).trials
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert [t.user_attrs["fail_reason"] for t in trials if t.state == TrialState.FAIL] == ["interrupted"]
+    (held,) = [t for t in trials if t.user_attrs["worker_pid"] == pid]
+    assert held.state == TrialState.FAIL and held.user_attrs["fail_reason"] == "interrupted"
+    # the trials running at the signal were interrupted, those done before it kept; nothing left RUNNING
+    assert {t.user_attrs.get("fail_reason") for t in trials if t.state != TrialState.COMPLETE} == {"interrupted"}
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     assert [p.info.status for p in parent_runs(client, "smoke-verse")] == ["KILLED"]
     assert not [r for r in child_runs(client, "smoke-verse") if r.info.status == "RUNNING"]
@@ -175,9 +182,45 @@ def test_trials_per_gpu_splits_each_gpu_between_tasks(tmp_path):
     def visible() -> str:
         return os.environ["CUDA_VISIBLE_DEVICES"]
 
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
         seen = ray.get([visible.options(**resources(settings)).remote() for _ in range(4)])
     finally:
         ray.shutdown()
     assert all(ids in ("0", "1") for ids in seen), seen  # each task one GPU of the two, never both
+
+
+@pytest.mark.slow  # a tracking server, a database and the cluster: minutes on 2 cores
+@needs_postgres
+def test_runs_spooled_on_a_node_during_an_outage_reach_mlflow_once_the_server_is_back(cluster, hold_dir, tmp_path,
+                                                                                       corpus_file):
+    from study_helpers import MlflowServer
+
+    url, work = fresh_postgres_database(POSTGRES), tmp_path / "work"
+    work.mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    hold_next_trial(hold_dir)
+    try:
+        proc = subprocess.Popen(ray_study(corpus_file, cluster.address, url, "--trials", "2", "--workers", "1",
+                                          "--tracking-uri", server.url), cwd=work, env=env_without_tracking(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for_held_trials(hold_dir, 1, alive=lambda: proc.poll() is None)
+        server.stop()  # the held trial's remaining writes, and the next trial's, find nobody
+        (hold_dir / "release").touch()
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        assert "runs spooled on the nodes while the tracking server was away" in out
+        assert list((work / "mlflow-spool").iterdir())  # kept by the driver, not left on a node
+        server.start()
+        synced = subprocess.run([sys.executable, str(ROOT / "study" / "sync.py")], cwd=work, capture_output=True,
+                                text=True, timeout=300)
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+        client = MlflowClient(server.url)
+        runs = child_runs(client, "smoke-verse")
+        assert sorted(int(r.data.tags["trial_number"]) for r in runs) == [0, 1]
+        assert {r.info.status for r in runs} == {"FINISHED"}
+    finally:
+        (hold_dir / "release").unlink(missing_ok=True)
+        server.stop()
