@@ -177,25 +177,27 @@ class RayLauncher:
     def run(self, study: optuna.Study, handler: StaleTrialHandler, tracker) -> bool:
         """Run the study's trials on the cluster; False when stopped."""
         s, ray = self.settings, self.ray
-        left, cap, index, deadline = s.trials, capacity(s), 0, None
+        left, cap, index, grace_until = s.trials, capacity(s), 0, None
         print(f"Ray cluster: {len(ray.nodes())} nodes, {ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
               f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs; {s.trials} trials, at most {cap} at once, each "
               f"{resources(s)}", flush=True)
         with stop_on_signals(self.stop):
             while self.pending or (left and not self.stop.requested):
+                if s.deadline is not None and time.time() >= s.deadline:
+                    left = 0  # --timeout: no trial starts after it
                 while left and len(self.pending) < cap and not self.stop.requested:
                     ref = self.task.remote(s, index, self.launch_id, self.flag)
                     self.pending[ref], left, index = index, left - 1, index + 1
                 done, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
-                if self.stop.requested and deadline is None:
-                    deadline = time.monotonic() + STOP_GRACE_S
+                if self.stop.requested and grace_until is None:
+                    grace_until = time.monotonic() + STOP_GRACE_S
                     self.flag.set.remote()
                 for ref in done:
                     left += self._collect(ref, study, handler)
-                if deadline is not None and time.monotonic() > deadline:
+                if grace_until is not None and time.monotonic() > grace_until:  # tasks that did not stop in time
                     for ref in self.pending:
                         ray.cancel(ref, force=True)
-                    deadline = float("inf")
+                    grace_until = float("inf")
         if self.shipped:
             replayed = tracker.client.catch_up()
             print(f"{self.shipped} runs spooled on the nodes while the tracking server was away: {replayed} replayed"
