@@ -93,7 +93,9 @@ class Objective:
             trial.set_user_attr("config", dataclasses.asdict(config))  # the full config, to re-run it exactly
             judge_from = JUDGED_AFTER_WARMUPS * config.warmup_iters
             reporter = ReportToOptuna(trial, config.max_iters, judge_from, exempt=baseline)  # the "before" runs whole
-            callbacks = [self.stop, CutAtDeadline(trial, self.deadline), run, *([reporter] if self.prune else [])]
+            callbacks = [self.stop, run, *([reporter] if self.prune else [])]
+            if self.deadline is not None:  # nothing more on every step than the study asked for
+                callbacks.append(CutAtDeadline(trial, self.deadline))
             result = train(config, self.corpus, callbacks)
             return self._finish(trial, run, result)
         except optuna.TrialPruned:

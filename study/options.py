@@ -30,6 +30,11 @@ def _opt(default, help: str, *, choices: Sequence[str] | None = None, at_least: 
                                             "metavar": metavar})
 
 
+def _kind(hint) -> type:
+    """int for `int | None`, and so on."""
+    return next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+
+
 def default_preset() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
@@ -82,7 +87,7 @@ class StudyOptions:
         hints = typing.get_type_hints(StudyOptions)
         for f in _flag_fields():
             value, meta = getattr(self, f.name), f.metadata
-            kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+            kind = _kind(hints[f.name])
             if value is None:
                 continue
             if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -116,9 +121,8 @@ def build_parser() -> Parser:
                     "MLflow.")
     hints = typing.get_type_hints(StudyOptions)
     for f in _flag_fields():
-        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         meta = f.metadata
-        parser.add_argument(flag(f.name), dest=f.name, type=kind, default=None, choices=meta["choices"],
+        parser.add_argument(flag(f.name), dest=f.name, type=_kind(hints[f.name]), default=None, choices=meta["choices"],
                             metavar=meta["metavar"], help=meta["help"])
     add_config_flags(parser, only=FIXED)
     return parser

@@ -143,10 +143,10 @@ def _pack(dirs: list[Path]) -> bytes | None:
 
 def resources(s: StudySettings) -> dict:
     """What one trial's task asks of its node."""
-    resources = {"num_cpus": s.threads or 1}
+    asked = {"num_cpus": s.threads or 1}
     if s.trials_per_gpu:
-        resources["num_gpus"] = 1 / s.trials_per_gpu
-    return resources
+        asked["num_gpus"] = 1 / s.trials_per_gpu
+    return asked
 
 
 def capacity(s: StudySettings) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from model.cli import fail
 from study.objective import Objective, release_gpu_memory
+from study.options import PROG
 from study.progress import Progress
 from study.recovery import StaleTrialHandler, recover_dead_workers
 from study.settings import StudySettings, usable_cores
@@ -63,16 +64,15 @@ def run_trials(s: StudySettings, corpus, study: optuna.Study, tracker: StudyTrac
     """This process's trials: the settings' number of them, or as many as it draws from a launch's pool; False when
     stopped. attrs go on each trial; a label (a worker's) replaces the progress bar by labelled lines."""
     objective = Objective(s, corpus, tracker, handler, attrs, stop)
-    trials = s.trials
-    progress = Progress(trials, bar=label is None, prefix="" if label is None else f"[{label}] ")
+    progress = Progress(s.trials, bar=label is None, prefix="" if label is None else f"[{label}] ")
     if stop.requested:
         return False
     if pool is not None and not pool.draw():
         return True
     try:
-        # the stop callback comes before the pool's: a stopped worker draws nothing more
         timeout = None if s.deadline is None else max(0.0, s.deadline - time.time())
-        study.optimize(objective, n_trials=None if pool else trials, timeout=timeout, catch=(Exception,),
+        # the stop callback comes before the pool's: a stopped worker draws nothing more
+        study.optimize(objective, n_trials=None if pool else s.trials, timeout=timeout, catch=(Exception,),
                        callbacks=[release_gpu_memory, progress, stop, *([pool] if pool else [])], gc_after_trial=True)
     except KeyboardInterrupt:  # StudyStopped, or Ctrl-C where no handler could be installed (not the main thread)
         return False
@@ -94,7 +94,7 @@ def worker_main(s: StudySettings, index: int, pool: TrialPool, launch_id: str, t
             corpus = s.load_corpus()
             study, tracker = join_stores(s, handler, index)
         except SETUP_ERRORS as exc:
-            fail(f"worker {index}: {exc}", "python study/run.py")
+            fail(f"worker {index}: {exc}", PROG)
         try:
             done = run_trials(s, corpus, study, tracker, handler, stop, {"worker_index": index, "launch_id": launch_id},
                               pool, label=f"worker {index}")

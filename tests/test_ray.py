@@ -70,6 +70,18 @@ def load(url: str) -> optuna.Study:
     return optuna.load_study(study_name="smoke-verse", storage=rdb_storage(url))
 
 
+def start_held_study(cluster, hold_dir, tmp_path, corpus_file):
+    """A 3-trial study on the cluster, its first trial held inside training; returns its database URL, directory,
+    process and the pid of the process training the held trial."""
+    url, work = fresh_postgres_database(POSTGRES), tmp_path / "work"
+    work.mkdir()
+    hold_next_trial(hold_dir)
+    proc = subprocess.Popen(ray_study(corpus_file, cluster.address, url, "--trials", "3"), cwd=work,
+                            env=env_without_tracking(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (pid,) = wait_for_held_trials(hold_dir, 1, alive=lambda: proc.poll() is None)
+    return url, work, proc, pid
+
+
 def worker_node_ids(cluster) -> set[str]:
     return {n.node_id for n in cluster.worker_nodes}
 
@@ -95,12 +107,7 @@ def test_a_study_runs_each_trial_as_a_task_on_the_worker_nodes(cluster, tmp_path
 @needs_postgres
 def test_a_node_lost_mid_trial_fails_its_trial_naming_the_node_and_the_study_goes_on(cluster, hold_dir, tmp_path,
                                                                                     corpus_file):
-    url, work = fresh_postgres_database(POSTGRES), tmp_path / "work"
-    work.mkdir()
-    hold_next_trial(hold_dir)
-    proc = subprocess.Popen(ray_study(corpus_file, cluster.address, url, "--trials", "3"), cwd=work,
-                            env=env_without_tracking(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    (pid,) = wait_for_held_trials(hold_dir, 1, alive=lambda: proc.poll() is None)
+    url, work, proc, pid = start_held_study(cluster, hold_dir, tmp_path, corpus_file)
     (held,) = [t for t in load(url).get_trials(states=(TrialState.RUNNING,)) if t.user_attrs["worker_pid"] == pid]
     (node,) = [n for n in cluster.worker_nodes if n.node_id == held.user_attrs[NODE_ATTR]]
     lost_at = time.time()
@@ -130,12 +137,7 @@ def test_a_node_lost_mid_trial_fails_its_trial_naming_the_node_and_the_study_goe
 @pytest.mark.slow  # the stop's logic is the local study's (test_stopping.py); this is its Ray channel
 @needs_postgres
 def test_sigterm_to_the_driver_stops_every_task(cluster, hold_dir, tmp_path, corpus_file):
-    url, work = fresh_postgres_database(POSTGRES), tmp_path / "work"
-    work.mkdir()
-    hold_next_trial(hold_dir)
-    proc = subprocess.Popen(ray_study(corpus_file, cluster.address, url, "--trials", "3"), cwd=work,
-                            env=env_without_tracking(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    (pid,) = wait_for_held_trials(hold_dir, 1, alive=lambda: proc.poll() is None)
+    url, work, proc, pid = start_held_study(cluster, hold_dir, tmp_path, corpus_file)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 130, out
