@@ -71,10 +71,12 @@ def _say(text: str) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop: Stop, who: str = "study"):
+def stop_on_signals(stop: Stop, who: str = "study", relayed: bool = False):
     """SIGTERM, and SIGINT unless the process inherited it ignored (a background job's convention), set the flag.
 
-    A second signal is reported and otherwise ignored, so that the clean-up runs to its end. Signal handlers belong
+    A second signal is reported and otherwise ignored, so that the clean-up runs to its end. relayed: a launcher
+    relays the stop to this process (a worker), and says so itself; a worker then speaks only of a signal that came
+    to it alone. Signal handlers belong
     to the main thread; elsewhere this does nothing (Ctrl-C then raises KeyboardInterrupt as Python's default).
     """
     if threading.current_thread() is not threading.main_thread():
@@ -84,9 +86,10 @@ def stop_on_signals(stop: Stop, who: str = "study"):
     def handle(signum, frame):
         name = signal.Signals(signum).name
         if stop.reason is not None:
-            _say(f"{who}: {name}: already stopping, closing the running trials")
+            if not relayed:
+                _say(f"{who}: {name}: already stopping, closing the running trials")
             return
-        told = stop.requested  # by a launcher, which has said so
+        told = relayed and stop.requested  # by the launcher, which has said so
         stop.request(name)
         if not told:
             _say(f"{who}: {name}: stopping; the running trials are failed as interrupted")

@@ -86,7 +86,7 @@ def worker_main(s: StudySettings, index: int, pool: TrialPool, launch_id: str, t
     """A launched worker process: join the stores, run trials while the pool has some and no stop was asked, exit 0
     (130 when stopped, by its launcher or by a signal of its own)."""
     die_with_parent(launcher_pid)
-    with stop_on_signals(Stop(stop_event), f"worker {index}") as stop:
+    with stop_on_signals(Stop(stop_event), f"worker {index}", relayed=True) as stop:
         configure_libraries()
         torch.set_num_threads(threads)
         handler = StaleTrialHandler()
