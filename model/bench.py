@@ -3,21 +3,21 @@
 Each configuration is timed two ways, alternating in one process so machine noise hits both alike:
 `train()` itself (evals excluded, as it reports), and a bare forward/backward/AdamW loop over the same
 network on a fixed batch. Their ratio is the training loop's overhead. Rows are measured in turn within each
-repeat, and the last column compares each row's tokens/s with the first's (`--dropout 0 0.1`: dropout's cost).
+repeat, and the last column compares each row's tokens/s with the first's (`--dropout 0 0.1`: dropout's cost;
+`--precision fp32 bf16`: what bf16 autocast buys).
 """
 from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Sequence
 
 import torch
 
-from model.config import NAMED, TrainConfig
+from model.config import NAMED, PRECISIONS, TrainConfig
 from model.data import load_corpus
 from model.gpt import GPT
-from model.train import _sync, resolve_device, train
+from model.train import _sync, autocast_for, resolve_device, resolve_precision, train
 
 # dense bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
 # (the first match wins: longer names before the names they contain)
@@ -49,7 +49,7 @@ def bare_loop_tokens_per_s(config: TrainConfig, vocab_size: int, iters: int, war
     model = GPT(config.model_config(vocab_size)).to(device)
     opt = torch.optim.AdamW(model.optimizer_groups(config.weight_decay), lr=config.learning_rate, fused=cuda)
     forward = torch.compile(model) if (config.compile if config.compile is not None else cuda) else model
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    autocast = autocast_for(config.precision, device)
     x = torch.randint(vocab_size, (config.batch_size, config.block_size), device=device)
     y = torch.randint(vocab_size, (config.batch_size, config.block_size), device=device)
     for i in range(warmup + iters):
@@ -88,7 +88,7 @@ def bench(rows: dict[str, TrainConfig], corpus, iters: int, repeats: int) -> Non
         tokens_per_iter = config.batch_size * config.block_size
         peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         mfu = f"{flops_per_iter(config, n_params) * tok_s / tokens_per_iter / peak:6.1%}" if peak else "   n/a"
-        print(f"{name:<24} {n_params / 1e6:6.2f}M  {device.type:<5} {1000 * tokens_per_iter / tok_s:9.2f} "
+        print(f"{name:<30} {n_params / 1e6:6.2f}M  {device.type:<5} {1000 * tokens_per_iter / tok_s:9.2f} "
               f"{tok_s:12,.0f} {mfu}  {bare_tok_s:12,.0f} {tok_s / bare_tok_s:8.3f} {tok_s / first:8.3f}", flush=True)
 
 
@@ -106,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements; medians are printed")
     parser.add_argument("--dropout", type=float, nargs="+", metavar="P",
                         help="one row per dropout probability, measured alternately (default: the config's own)")
+    parser.add_argument("--precision", choices=PRECISIONS, nargs="+", metavar="P",
+                        help="one row per precision, auto, fp32 or bf16, measured alternately (default: auto)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile (default: on for CUDA)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     args = parser.parse_args(argv)
@@ -118,16 +120,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         names = [args.config] if args.config not in (None, "all") else list(NAMED)
         if args.config is None and device.type != "cuda":
             names = ["baby"]
-        rows = {name: configs[name] for name in names}
-        if args.dropout:
-            rows = {f"{name} dropout={p:g}": configs[name].replace(dropout=p) for name in names for p in args.dropout}
+        rows = {}
+        for name in names:
+            for p in args.dropout or [configs[name].dropout]:
+                for precision in args.precision or ["auto"]:
+                    label = " ".join([name, *([f"dropout={p:g}"] if args.dropout else []),
+                                      *([resolve_precision(precision, device)] if args.precision else [])])
+                    rows[label] = configs[name].replace(dropout=p, precision=precision)
         for config in rows.values():
             corpus.check_block_size(config.block_size)
     except (ConfigError, DataError) as exc:
         fail(str(exc), parser.prog)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    where += f", auto precision {resolve_precision('auto', device)}"
     print(f"torch {torch.__version__} on {where}; {args.iters} steps x {args.repeats} repeats, medians")
-    print(f"{'config':<24} {'params':>7}  {'dev':<5} {'ms/iter':>9} {'tokens/s':>12} {'MFU':>6}  "
+    print(f"{'config':<30} {'params':>7}  {'dev':<5} {'ms/iter':>9} {'tokens/s':>12} {'MFU':>6}  "
           f"{'bare tok/s':>12} {'loop/bare':>8} {'vs row 1':>8}")
     bench(rows, corpus, args.iters, args.repeats)
 

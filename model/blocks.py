@@ -30,10 +30,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, train
     """
     if causal and key_bias is not None:
         raise ValueError("attention takes a causal mask or a padding mask, not both")
-    if not (training and p > 0.0 and q.device.type == "cpu"):  # fused kernels (flash on CUDA)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=p if training else 0.0,
+    dropping = training and p > 0.0
+    if q.device.type != "cpu" or not (dropping or q.dtype == torch.bfloat16):  # fused kernels (flash on CUDA)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=p if dropping else 0.0,
                                               is_causal=causal)
-    # On the CPU a fused kernel with dropout draws its mask with bernoulli_; spelled out, the mask is cheap.
+    # On the CPU a fused kernel with dropout draws its mask with bernoulli_; spelled out, the mask is cheap. In bf16
+    # the spelled-out matmuls are also faster than the fused kernel (docs/benchmarks.md: 1.4x a baby GPT's step).
     B, nh, T, hs = q.shape
     S = k.size(2)
     if causal:
@@ -46,7 +48,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, train
     att = torch.baddbmm(bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
                         alpha=1.0 / math.sqrt(hs))  # (B * nh, T, S)
     att = F.softmax(att, dim=-1).view(B, nh, T, S)
-    return dropout(att, p, training=True) @ v  # (B, nh, T, hs)
+    return dropout(att, p, training) @ v  # (B, nh, T, hs)
 
 
 @functools.lru_cache(maxsize=16)

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
 ARCHS = ("gpt", "encoder-decoder")  # model/tasks.py: what each trains on
 
 
@@ -74,6 +75,8 @@ class TrainConfig:
     seed: int = _f(1337, "random seed (weights, batches, dropout)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA)")
+    precision: str = _f("auto", "matmuls in fp32, or bf16 under autocast (auto: bf16 on CUDA and on CPUs with native "
+                               "bf16 instructions, fp32 elsewhere)")
     arch: str = _f("gpt", "gpt (next character of the corpus) or encoder-decoder (next line of each line)")
 
     def __post_init__(self) -> None:
@@ -90,6 +93,8 @@ class TrainConfig:
             raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.arch not in ARCHS:
             raise ConfigError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         kind, _, index = self.device.partition(":")
         if kind not in DEVICES or (":" in self.device and (kind != "cuda" or not index.isdigit())):
             raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")

@@ -10,7 +10,7 @@ import torch
 from model.checkpoint import save_checkpoint
 from model.data import Corpus
 from model.tasks import count_params
-from model.train import resolve_device, train
+from model.train import resolve_device, resolve_precision, train
 from study.errors import describe_error, format_traceback
 from study.recovery import StaleTrialHandler, mark_worker, recover_dead_workers
 from study.registry import register_best_model
@@ -83,10 +83,11 @@ class Objective:
             if self.stale_handler is not None:  # a living worker fails and re-queues the trials of dead ones
                 recover_dead_workers(trial.study, self.stale_handler)
             config = self.base.replace(**suggest_params(trial, self.space))
+            device = resolve_device(config.device)
             baseline = bool(trial.user_attrs.get("baseline", False))
             run = self.tracker.start_trial(trial, config, baseline, {
                 "n_params": count_params(config, self.corpus.vocab_size),
-                "device": str(resolve_device(config.device)),
+                "device": str(device), "precision": resolve_precision(config.precision, device),
                 "corpus": self.corpus.name, "corpus_sha256": self.corpus.sha256,
                 "code_version": code_version(), "trial_number": trial.number})
             trial.set_user_attr("mlflow_run_id", run.run_id)

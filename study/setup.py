@@ -24,6 +24,8 @@ from study.storage import StorageError, make_pruner, make_sampler, make_storage,
 from study.tracking import StudyTracker, TrackingError
 
 # What setting a study up may raise, each a one-line message naming the input: nothing has run then.
+# how this machine runs a trial, not what the trial is: a study may be resumed on other hardware
+MACHINE_SETTINGS = ("device", "compile", "precision")
 SETUP_ERRORS = (ConfigError, DataError, SpaceError, StorageError, TrackingError, RayError)
 
 
@@ -97,7 +99,7 @@ def _check_same_setup(study: optuna.Study, s: StudySettings) -> None:
     """A resumed study must keep its corpus, search space and fixed settings, or its trials stop comparing."""
     setup = {"corpus_sha256": s.corpus_sha256, "pruning_axis": PRUNING_AXIS,
              "space": {k: distribution_to_json(v) for k, v in s.space.items()},
-             "fixed": {k: v for k, v in asdict(s.base).items() if k not in ("device", "compile")}}
+             "fixed": {k: v for k, v in asdict(s.base).items() if k not in MACHINE_SETTINGS}}
     stored = study.user_attrs.get("setup")
     if stored is not None:
         stored["fixed"].setdefault("arch", "gpt")  # studies from before the encoder-decoder were all of GPTs
