@@ -101,7 +101,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast (matmuls in bf16; weights, optimizer and reductions in fp32), or nothing for fp32."""
+    """bf16 autocast, or nothing for fp32.
+
+    Under it the matmuls and the attention weights are bf16; weights, optimizer state, the residual stream, layer norms
+    and the loss stay fp32.
+    """
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()

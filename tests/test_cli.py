@@ -131,6 +131,15 @@ def test_bench_measures_one_row_per_dropout(text_file):
     assert rows[0][-1] == "1.000" and float(rows[1][-1]) > 0
 
 
+def test_bench_measures_one_row_per_precision(text_file):
+    proc = run_module("model.bench", "--data", str(text_file), "--device", "cpu", "--iters", "2", "--repeats", "1",
+                      "--precision", "fp32", "bf16")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [row[:2] for row in rows] == [["baby", "fp32"], ["baby", "bf16"]]
+    assert rows[0][-1] == "1.000" and float(rows[1][-1]) > 0
+
+
 def test_mfu_accounting_follows_nanogpt():
     from model.bench import flops_per_iter, peak_flops
     from model.config import NAMED

@@ -41,7 +41,8 @@ def test_four_trials_leave_four_optuna_trials_and_four_child_runs(workdir, corpu
         run = by_number[trial.number]
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         assert set(SEARCHED) <= run.data.params.keys()
-        assert {"n_params", "device", "corpus", "corpus_sha256", "code_version", "seed"} <= run.data.params.keys()
+        assert {"n_params", "device", "precision", "corpus", "corpus_sha256", "code_version",
+                "seed"} <= run.data.params.keys()
         assert run.data.params["learning_rate"] == str(trial.params["learning_rate"])
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in history] == list(range(10, trial.params["max_iters"] + 1, 10))
