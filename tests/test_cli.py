@@ -122,21 +122,16 @@ def test_bench_prints_throughput_and_loop_overhead(text_file):
     assert float(ms) > 0 and float(tokens_per_s.replace(",", "")) > 0 and 0 < float(ratio) < 2
 
 
-def test_bench_measures_one_row_per_dropout(text_file):
+@pytest.mark.parametrize("flag, values, labels", [
+    ("--dropout", ["0", "0.1"], [["baby", "dropout=0"], ["baby", "dropout=0.1"]]),
+    ("--precision", ["fp32", "bf16"], [["baby", "fp32"], ["baby", "bf16"]]),
+])
+def test_bench_measures_one_row_per_value(text_file, flag, values, labels):
     proc = run_module("model.bench", "--data", str(text_file), "--device", "cpu", "--iters", "2", "--repeats", "1",
-                      "--dropout", "0", "0.1")
+                      flag, *values)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines()[2:]]
-    assert [row[:2] for row in rows] == [["baby", "dropout=0"], ["baby", "dropout=0.1"]]
-    assert rows[0][-1] == "1.000" and float(rows[1][-1]) > 0
-
-
-def test_bench_measures_one_row_per_precision(text_file):
-    proc = run_module("model.bench", "--data", str(text_file), "--device", "cpu", "--iters", "2", "--repeats", "1",
-                      "--precision", "fp32", "bf16")
-    assert proc.returncode == 0, proc.stderr
-    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
-    assert [row[:2] for row in rows] == [["baby", "fp32"], ["baby", "bf16"]]
+    assert [row[:2] for row in rows] == labels
     assert rows[0][-1] == "1.000" and float(rows[1][-1]) > 0
 
 
